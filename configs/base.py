@@ -1,0 +1,151 @@
+"""The base config every experiment family derives from.
+
+Each field a user may set lives here with its default, grouped by concern, so that
+`--config.<group>.<field>=...` overrides are checked against one schema and a misspelled key
+fails at the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Logical parameter/activation axis names -> mesh axes. `batch` is split over both data-parallel
+# axes (`data` replicates parameters, `fsdp` shards them); `tensor` splits hidden widths.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("classes", None),
+)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Seeds parameter init, data order and per-step randomness (dropout).
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # digits | synthetic | npz | array_record
+  config.data.name = "digits"
+  # npz / array_record: a file path or glob for each split.
+  config.data.train_path = ""
+  config.data.eval_path = ""
+  # npz: array names inside the file.
+  config.data.inputs_key = "inputs"
+  config.data.labels_key = "labels"
+  # array_record (required) and npz (inferred when 0): number of label classes.
+  config.data.num_classes = 0
+  # Inputs are normalized as (x - mean) / std inside the jitted step (and, later, the export).
+  # Unset means the dataset's own default (digits: 0 / 16, others: 0 / 1).
+  config.data.mean = config_dict.placeholder(float)
+  config.data.std = config_dict.placeholder(float)
+  # digits: the train/test split is fixed by this seed, independent of `config.seed`.
+  config.data.split_seed = 0
+  # synthetic: example shape, classes and split sizes.
+  config.data.synthetic_input_shape = (8, 8, 1)
+  config.data.synthetic_num_classes = 10
+  config.data.synthetic_train_examples = 4096
+  config.data.synthetic_eval_examples = 512
+  config.data.shuffle = True
+  # Host threads that read and batch, and how many batches they keep ready.
+  config.data.worker_threads = 2
+  config.data.prefetch_batches = 4
+
+  config.model = ml_collections.ConfigDict()
+  # A name from models.MODELS, e.g. cnn, cnn_tiny, mlp, mlp_tiny.
+  config.model.name = "cnn"
+  # Compute dtype (float32 | bfloat16); parameters are always float32.
+  config.model.dtype = "float32"
+  config.model.dropout_rate = 0.0
+
+  config.optim = ml_collections.ConfigDict()
+  # adamw | adam | sgd | lamb
+  config.optim.name = "adamw"
+  config.optim.learning_rate = 1e-3
+  # cosine | linear | constant, each after a linear warmup from 0.
+  config.optim.schedule = "cosine"
+  config.optim.warmup_steps = 0
+  # The schedule decays to learning_rate * end_lr_factor.
+  config.optim.end_lr_factor = 0.0
+  # Decoupled weight decay, applied to kernels only (never to biases or norm scales).
+  config.optim.weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  # sgd only.
+  config.optim.momentum = 0.9
+  config.optim.nesterov = False
+  # Clip the global gradient norm to this value; 0 disables clipping.
+  config.optim.grad_clip_norm = 1.0
+  # Each step splits the global batch into this many micro-batches and sums their gradients.
+  config.optim.grad_accum_steps = 1
+  # Exponential moving average of the parameters, used for eval when > 0.
+  config.optim.ema_decay = 0.0
+
+  config.mesh = ml_collections.ConfigDict()
+  # Mesh axis sizes; one of them may be -1 to take the remaining devices.
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1000
+  # Global batch over all processes; must divide by the data-parallel size (data * fsdp).
+  config.train.global_batch_size = 128
+  config.train.log_every_steps = 100
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_steps = 200
+  # Global eval batch; the last batch is padded and masked, so every example counts once.
+  config.eval.global_batch_size = 128
+  # The metric that picks the best checkpoints and drives early stopping.
+  config.eval.best_metric = "accuracy"
+  # max | min
+  config.eval.best_mode = "max"
+  # Stop after this many evals without improvement of best_metric by min_delta; 0 disables.
+  config.eval.early_stopping_patience = 0
+  config.eval.early_stopping_min_delta = 0.0
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.enabled = True
+  config.checkpoint.every_steps = 500
+  # Keep the newest keep_last checkpoints plus the keep_best best by eval.best_metric.
+  config.checkpoint.keep_last = 2
+  config.checkpoint.keep_best = 1
+  # Save in a background thread; the loop only waits for the device-to-host copy.
+  config.checkpoint.async_save = True
+  return config
+
+
+def parse_config_arg(arg: str | None, **defaults):
+  """Parses a config-file argument such as `smoke` or `size=tiny,smoke` into a dict.
+
+  Bare words become True. Every key must be one of `defaults`, so a typo fails loudly.
+  """
+  values = dict(defaults)
+  for token in filter(None, (arg or "").split(",")):
+    key, sep, value = token.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
+      )
+    values[key] = value.strip() if sep else True
+  return ml_collections.ConfigDict(values)
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks any config in place so that a run takes seconds on one CPU core."""
+  config.train.num_steps = 20
+  config.train.global_batch_size = 32
+  config.train.log_every_steps = 5
+  config.eval.every_steps = 10
+  config.eval.global_batch_size = 64
+  config.checkpoint.every_steps = 10
+  config.optim.warmup_steps = min(config.optim.warmup_steps, 2)
+  config.data.worker_threads = 1
+  config.data.prefetch_batches = 2

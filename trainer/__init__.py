@@ -1,0 +1,1 @@
+"""Training: entrypoint, loop, sharding, input pipelines, checkpoints and metrics."""

@@ -1,0 +1,187 @@
+"""One Orbax CheckpointManager for the train state, the data iterator and the config.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config,metrics}`. Orbax writes each step
+into a temporary directory and renames it when complete, so a process killed mid-save leaves
+only complete steps behind (the partial one is cleaned up on the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from trainer.errors import ConfigError
+from trainer.train_state import TrainState
+
+# Config sections whose differences explain a shape mismatch, in the order worth reading.
+_EXPLAINING_SECTIONS = ("model", "data")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def existing_steps(workdir: str) -> list[int]:
+  """Complete checkpoint steps in `workdir`, read without creating or changing anything."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  with _manager(directory, read_only=True) as manager:
+    return sorted(manager.all_steps())
+
+
+class Checkpointer:
+  """Saves and restores `TrainState` + data iterator + config.
+
+  Every process must construct it and call `save`/`restore`/`wait_until_finished` together:
+  Orbax coordinates the processes and writes each array shard from the process that owns it.
+  """
+
+  def __init__(
+      self,
+      workdir: str,
+      config: ml_collections.ConfigDict,
+      *,
+      best_metric: str,
+      best_mode: str,
+  ):
+    self.best_metric = best_metric
+    policies = [ocp.checkpoint_managers.LatestN(n=config.keep_last)]
+    if config.keep_best > 0:
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=lambda metrics: metrics[best_metric],
+              reverse=best_mode == "min",
+              n=config.keep_best,
+              keep_checkpoints_without_metrics=False,
+          )
+      )
+    self._manager = _manager(
+        checkpoint_dir(workdir),
+        read_only=False,
+        async_save=config.async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=lambda metrics: metrics[best_metric],
+        best_mode=best_mode,
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
+  def save(
+      self,
+      state: TrainState,
+      data_iterator: grain.DatasetIterator,
+      config: ml_collections.ConfigDict,
+      metrics: dict[str, float] | None = None,
+  ) -> None:
+    """Starts saving at `state.step`; returns once the arrays are copied off the device."""
+    step = int(jax.device_get(state.step))
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+  def restore(
+      self,
+      step: int,
+      abstract_state: TrainState,
+      data_iterator: grain.DatasetIterator,
+  ) -> TrainState:
+    """Restores `step` onto the shardings in `abstract_state` (any mesh, any process count)."""
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
+        ),
+    )
+    return serialization.from_state_dict(abstract_state, restored["state"])
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_compatible(
+    workdir: str, step: int, abstract_state: TrainState, config: ml_collections.ConfigDict
+) -> None:
+  """Raises ConfigError naming the first parameter whose checkpointed shape differs."""
+  directory = checkpoint_dir(workdir)
+  with _manager(directory, read_only=True) as manager:
+    metadata = manager.item_metadata(step)
+    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  saved = _shapes(metadata["state"])
+  expected = _shapes(serialization.to_state_dict(abstract_state))
+  mismatches = [
+      f"{path}: checkpoint {saved.get(path, 'absent')}, this config {expected.get(path, 'absent')}"
+      for path in sorted(saved.keys() | expected.keys())
+      if saved.get(path) != expected.get(path)
+  ]
+  if not mismatches:
+    return
+  config_diffs = _config_diffs(saved_config["config"], json.loads(config.to_json_best_effort()))
+  raise ConfigError(
+      f"{directory} holds step {step} of a run with an incompatible config: "
+      f"{len(mismatches)} array(s) differ, first {mismatches[0]}."
+      + (f" Config differences: {'; '.join(config_diffs)}." if config_diffs else "")
+      + " Use a new --workdir, or the config that wrote this checkpoint."
+  )
+
+
+def _manager(directory: str, *, read_only: bool, async_save: bool = False, **options):
+  handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data_iter": grain.checkpoint.CheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+  }
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          read_only=read_only,
+          create=not read_only,
+          enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=not read_only,
+          **options,
+      ),
+      item_handlers=handlers,
+  )
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+      "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+      for path, leaf in flat
+      if hasattr(leaf, "shape")
+  }
+
+
+def _config_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  diffs = []
+  for section in _EXPLAINING_SECTIONS:
+    before, now = saved.get(section, {}), current.get(section, {})
+    for key in sorted(before.keys() | now.keys()):
+      if before.get(key) != now.get(key):
+        diffs.append(
+            f"config.{section}.{key} was {before.get(key)!r}, now {now.get(key)!r}"
+        )
+  return diffs

@@ -1,0 +1,71 @@
+r"""Trains a model from a config file.
+
+  python -m trainer.main --config=configs/digits_cnn.py --workdir=/tmp/run1 \
+      --config.optim.learning_rate=3e-3 --config.mesh.data=-1
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from trainer import train
+from trainer.errors import ConfigError, NonFiniteError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the manifest.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+# Libraries that log every checkpoint and pipeline detail at INFO; their warnings still show.
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/_src/")
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+        part in record.pathname for part in _CHATTY_LIBRARIES
+    )
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logging.info(
+      "JAX process %d/%d, %d local / %d global devices (%s)",
+      jax.process_index(), jax.process_count(), jax.local_device_count(),
+      jax.device_count(), jax.devices()[0].device_kind,
+  )
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, NonFiniteError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    _print_summary(result)
+
+
+def _print_summary(result: train.TrainResult) -> None:
+  status = "preempted" if result.preempted else "stopped early" if result.stopped_early else "done"
+  accuracy = result.eval_metrics.get("eval/accuracy")
+  lines = [
+      f"training {status} at step {result.step}",
+      f"test accuracy: {accuracy:.4f}" if accuracy is not None else "test accuracy: n/a",
+      f"test loss: {result.eval_metrics.get('eval/loss', float('nan')):.4f}",
+      f"best checkpoint step: {result.best_checkpoint_step}",
+      f"workdir: {result.workdir}",
+      f"tensorboard --logdir {result.workdir}/tensorboard",
+  ]
+  print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

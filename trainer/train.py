@@ -1,0 +1,374 @@
+"""`train_and_evaluate(config, workdir)`: the training loop and the stages that set it up.
+
+Stages, in order: build everything the config describes and validate it (nothing is written
+yet), check any checkpoint already in the workdir against it, then create or restore the
+sharded state and run the loop with periodic logging, eval and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+import models
+from trainer import checkpointing, input_pipeline, manifest, partitioning, steps
+from trainer.data_sources import Dataset, load_dataset
+from trainer.errors import ConfigError
+from trainer.metrics import MetricWriter, ProgressLogger, StepMetrics
+from trainer.optimizers import Optimizer, create_optimizer
+from trainer.preemption import PreemptionWatcher
+from trainer.train_state import TrainState, init_train_state
+
+EVAL_METRICS = ("accuracy", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  workdir: str
+  # The step the run ended at (== config.train.num_steps unless preempted or stopped early).
+  step: int
+  train_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  best_checkpoint_step: int | None
+  # Training throughput after the first (compiling) step, eval time excluded.
+  steps_per_sec: float
+  preempted: bool
+  stopped_early: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything the config describes, built and validated before anything is written."""
+
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  dataset: Dataset
+  model: nn.Module
+  optimizer: Optimizer
+  # ShapeDtypeStructs carrying their target shardings.
+  abstract_state: TrainState
+  state_shardings: TrainState
+  batch_sharding: NamedSharding
+  init_state: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  eval_step: Callable[[TrainState, dict], dict]
+
+
+def build_experiment(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Experiment:
+  """Validates `config` and builds its mesh, data, model and jitted steps; writes nothing.
+
+  Raises ConfigError naming the offending field for any unusable setting.
+  """
+  mesh = partitioning.create_mesh(config.mesh, devices)
+  data_parallel = partitioning.data_parallel_size(mesh)
+  input_pipeline.per_process_batch_size(
+      config.train.global_batch_size, data_parallel, "config.train.global_batch_size"
+  )
+  input_pipeline.per_process_batch_size(
+      config.eval.global_batch_size, data_parallel, "config.eval.global_batch_size"
+  )
+  _validate_loop_config(config, data_parallel)
+  dataset = load_dataset(config.data)
+  try:
+    model = models.get_model(
+        config.model.name,
+        num_classes=dataset.num_classes,
+        dtype=config.model.dtype,
+        dropout_rate=config.model.dropout_rate,
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  optimizer = create_optimizer(config.optim, config.train.num_steps)
+
+  init = functools.partial(
+      init_train_state,
+      model,
+      optimizer.tx,
+      input_shape=dataset.input_shape,
+      use_ema=config.optim.ema_decay > 0,
+  )
+  rng = jax.random.PRNGKey(config.seed)
+  boxed_abstract = jax.eval_shape(lambda key: init(rng=key), rng)
+  state_shardings = partitioning.logical_to_shardings(
+      boxed_abstract, mesh, config.mesh.logical_axis_rules
+  )
+  abstract_state = jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      nn.meta.unbox(boxed_abstract),
+      state_shardings,
+  )
+  replicated = partitioning.replicated(mesh)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  train_step = steps.make_train_step(
+      model,
+      optimizer.tx,
+      optimizer.schedule,
+      mean=dataset.mean,
+      std=dataset.std,
+      grad_accum_steps=config.optim.grad_accum_steps,
+      ema_decay=config.optim.ema_decay,
+  )
+  eval_step = steps.make_eval_step(model, mean=dataset.mean, std=dataset.std)
+  return Experiment(
+      config=config,
+      mesh=mesh,
+      dataset=dataset,
+      model=model,
+      optimizer=optimizer,
+      abstract_state=abstract_state,
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      init_state=jax.jit(
+          lambda key: nn.meta.unbox(init(rng=key)),
+          in_shardings=replicated,
+          out_shardings=state_shardings,
+      ),
+      train_step=jax.jit(
+          train_step,
+          in_shardings=(state_shardings, batch_sharding),
+          out_shardings=(state_shardings, replicated),
+          donate_argnums=(0,),
+      ),
+      eval_step=jax.jit(
+          eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+      ),
+  )
+
+
+def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int) -> None:
+  positive = {
+      "config.train.num_steps": config.train.num_steps,
+      "config.train.log_every_steps": config.train.log_every_steps,
+      "config.eval.every_steps": config.eval.every_steps,
+      "config.checkpoint.every_steps": config.checkpoint.every_steps,
+      "config.checkpoint.keep_last": config.checkpoint.keep_last,
+      "config.optim.grad_accum_steps": config.optim.grad_accum_steps,
+  }
+  for name, value in positive.items():
+    if value < 1:
+      raise ConfigError(f"{name}={value} must be >= 1")
+  local_rows = config.train.global_batch_size // data_parallel
+  if local_rows % config.optim.grad_accum_steps:
+    raise ConfigError(
+        f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the "
+        f"{local_rows} rows each data-parallel device gets per step (global batch "
+        f"{config.train.global_batch_size} / data-parallel size {data_parallel})"
+    )
+  if config.eval.best_metric not in EVAL_METRICS:
+    raise ConfigError(
+        f"config.eval.best_metric={config.eval.best_metric!r}; choose one of {EVAL_METRICS}"
+    )
+  if config.eval.best_mode not in ("max", "min"):
+    raise ConfigError(f"config.eval.best_mode={config.eval.best_mode!r}; choose 'max' or 'min'")
+  if not 0 <= config.optim.ema_decay < 1:
+    raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1)")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Every process must call this. Raises ConfigError (with nothing written) for an unusable
+  config or a workdir holding an incompatible checkpoint, and NonFiniteError when the loss or
+  gradient norm stops being finite.
+  """
+  experiment = build_experiment(config, devices)
+  saved_steps = checkpointing.existing_steps(workdir)
+  if saved_steps:
+    checkpointing.check_compatible(workdir, saved_steps[-1], experiment.abstract_state, config)
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = (
+      checkpointing.Checkpointer(
+          workdir,
+          config.checkpoint,
+          best_metric=f"eval/{config.eval.best_metric}",
+          best_mode=config.eval.best_mode,
+      )
+      if config.checkpoint.enabled
+      else None
+  )
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  try:
+    state, data_iterator = _initial_state(experiment, checkpointer)
+    start_step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+      manifest.write_manifest(
+          workdir,
+          manifest.build_manifest(
+              config, experiment.mesh, experiment.dataset.fingerprint, start_step
+          ),
+      )
+    writer.write_config(config, [f"eval/{name}" for name in EVAL_METRICS])
+    return _train_loop(experiment, workdir, state, data_iterator, checkpointer, writer)
+  finally:
+    if checkpointer:
+      checkpointer.close()  # Waits for in-flight saves.
+    writer.close()
+
+
+def _initial_state(
+    experiment: Experiment, checkpointer: checkpointing.Checkpointer | None
+) -> tuple[TrainState, object]:
+  config = experiment.config
+  data_iterator = input_pipeline.train_iterator(
+      experiment.dataset,
+      global_batch_size=config.train.global_batch_size,
+      seed=config.seed,
+      shuffle=config.data.shuffle,
+      worker_threads=config.data.worker_threads,
+      prefetch_batches=config.data.prefetch_batches,
+      sharding=experiment.batch_sharding,
+  )
+  latest = checkpointer.latest_step() if checkpointer else None
+  if latest is not None:
+    logging.info("Resuming from the checkpoint at step %d.", latest)
+    state = checkpointer.restore(latest, experiment.abstract_state, data_iterator)
+  else:
+    state = experiment.init_state(jax.random.PRNGKey(config.seed))
+  partitioning.check_sharding(state, experiment.state_shardings)
+  return state, data_iterator
+
+
+def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
+  """Loss and accuracy over the whole eval split (every example exactly once)."""
+  totals = None
+  for batch in input_pipeline.eval_batches(
+      experiment.dataset.eval,
+      global_batch_size=experiment.config.eval.global_batch_size,
+      sharding=experiment.batch_sharding,
+  ):
+    sums = experiment.eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"eval/loss": float(totals["loss"]) / count, "eval/accuracy": float(totals["correct"]) / count}
+
+
+class _EarlyStopping:
+  """Counts evals without an improvement of the best metric by at least min_delta."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.metric = f"eval/{config.best_metric}"
+    self.sign = 1.0 if config.best_mode == "max" else -1.0
+    self.patience = config.early_stopping_patience
+    self.min_delta = config.early_stopping_min_delta
+    self.best = None
+    self.evals_without_improvement = 0
+
+  def should_stop(self, eval_metrics: dict[str, float]) -> bool:
+    value = self.sign * eval_metrics[self.metric]
+    if self.best is None or value > self.best + self.min_delta:
+      self.best, self.evals_without_improvement = value, 0
+    else:
+      self.evals_without_improvement += 1
+    return 0 < self.patience <= self.evals_without_improvement
+
+
+def _train_loop(
+    experiment: Experiment,
+    workdir: str,
+    state: TrainState,
+    data_iterator,
+    checkpointer: checkpointing.Checkpointer | None,
+    writer: MetricWriter,
+) -> TrainResult:
+  config = experiment.config
+  num_steps = config.train.num_steps
+  step = int(jax.device_get(state.step))
+  start_step = step
+  step_metrics = StepMetrics()
+  progress = ProgressLogger(num_steps, step)
+  early_stopping = _EarlyStopping(config.eval)
+  train_metrics: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  stopped_early = preempted = False
+  loop_start = time.perf_counter()
+  eval_seconds = 0.0
+
+  with PreemptionWatcher() as preemption:
+    while step < num_steps:
+      state, metrics = experiment.train_step(state, next(data_iterator))
+      step += 1
+      step_metrics.append(step, metrics)
+      if step == start_step + 1:
+        # The first step compiled; time the steady state from here.
+        jax.block_until_ready(metrics)
+        loop_start, eval_seconds = time.perf_counter(), 0.0
+        progress.steps_per_sec(step)
+
+      is_last = step == num_steps
+      if step % config.train.log_every_steps == 0 or is_last:
+        train_metrics = step_metrics.summarize()
+        rate = progress.steps_per_sec(step)
+        perf = {
+            "perf/steps_per_sec": rate,
+            "perf/examples_per_sec": rate * config.train.global_batch_size,
+        }
+        writer.write_scalars(step, {**train_metrics, **perf})
+        progress.log(step, train_metrics["train/loss"], rate)
+
+      evaluated = False
+      if step % config.eval.every_steps == 0 or is_last:
+        step_metrics.check_finite()
+        eval_start = time.perf_counter()
+        eval_metrics = evaluate(experiment, state)
+        eval_seconds += time.perf_counter() - eval_start
+        evaluated = True
+        writer.write_scalars(step, eval_metrics)
+        logging.info(
+            "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+        )
+        stopped_early = early_stopping.should_stop(eval_metrics)
+        if stopped_early:
+          logging.info(
+              "Early stopping at step %d: %s did not improve for %d evals.",
+              step, early_stopping.metric, early_stopping.evals_without_improvement,
+          )
+
+      preempted = preemption.requested
+      stop = is_last or stopped_early or preempted
+      if checkpointer and (
+          step % config.checkpoint.every_steps == 0
+          or stop
+          or (evaluated and config.checkpoint.keep_best > 0)
+      ):
+        step_metrics.check_finite()  # A non-finite state is never checkpointed.
+        checkpointer.save(
+            state, data_iterator, config, metrics=eval_metrics if evaluated else None
+        )
+      if stop:
+        break
+
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - loop_start - eval_seconds
+  steps_timed = step - start_step - 1
+  if checkpointer:
+    checkpointer.wait_until_finished()
+  writer.flush()
+  if preempted:
+    logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
+  return TrainResult(
+      workdir=os.path.abspath(workdir),
+      step=step,
+      train_metrics=train_metrics,
+      eval_metrics=eval_metrics,
+      best_checkpoint_step=checkpointer.best_step() if checkpointer else None,
+      steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
+      preempted=preempted,
+      stopped_early=stopped_early,
+  )
