@@ -90,9 +90,9 @@ def make_train_step(
     metrics = {
         "train/loss": loss,
         "train/accuracy": accuracy,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/param_norm": optax.global_norm(params),
-        "train/update_norm": optax.global_norm(updates),
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/param_norm": optax.tree.norm(params),
+        "train/update_norm": optax.tree.norm(updates),
         "train/learning_rate": schedule(state.step),
     }
     return new_state, metrics

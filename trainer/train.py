@@ -37,6 +37,8 @@ class TrainResult:
   # The step the run ended at (== config.train.num_steps unless preempted or stopped early).
   step: int
   train_metrics: dict[str, float]
+  # Mean train loss of each logging interval, by the step that closed it.
+  logged_losses: dict[int, float]
   eval_metrics: dict[str, float]
   best_checkpoint_step: int | None
   # Training throughput after the first (compiling) step, eval time excluded.
@@ -295,6 +297,7 @@ def _train_loop(
   progress = ProgressLogger(num_steps, step)
   early_stopping = _EarlyStopping(config.eval)
   train_metrics: dict[str, float] = {}
+  logged_losses: dict[int, float] = {}
   eval_metrics: dict[str, float] = {}
   stopped_early = preempted = False
   loop_start = time.perf_counter()
@@ -319,6 +322,7 @@ def _train_loop(
             "perf/steps_per_sec": rate,
             "perf/examples_per_sec": rate * config.train.global_batch_size,
         }
+        logged_losses[step] = train_metrics["train/loss"]
         writer.write_scalars(step, {**train_metrics, **perf})
         progress.log(step, train_metrics["train/loss"], rate)
 
@@ -359,6 +363,8 @@ def _train_loop(
   steps_timed = step - start_step - 1
   if checkpointer:
     checkpointer.wait_until_finished()
+  if not eval_metrics:  # The workdir's run had already finished: report its final state.
+    eval_metrics = evaluate(experiment, state)
   writer.flush()
   if preempted:
     logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
@@ -366,6 +372,7 @@ def _train_loop(
       workdir=os.path.abspath(workdir),
       step=step,
       train_metrics=train_metrics,
+      logged_losses=logged_losses,
       eval_metrics=eval_metrics,
       best_checkpoint_step=checkpointer.best_step() if checkpointer else None,
       steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),

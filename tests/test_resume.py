@@ -1,0 +1,107 @@
+"""Checkpoints resume exactly, after SIGKILL mid-save and after SIGTERM (preemption)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers.kill_during_save import smoke_config
+from trainer import checkpointing, input_pipeline, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every 4 steps a checkpoint; evals (and best-checkpoint saves) only at the end.
+OVERRIDES = {
+    "train.num_steps": 12,
+    "checkpoint.every_steps": 4,
+    "eval.every_steps": 100,
+    "checkpoint.keep_last": 5,
+    "model.dropout_rate": 0.1,  # Per-step randomness must resume exactly too.
+}
+
+
+def _final_params(config, workdir):
+  """The parameters and data-iterator state of the latest checkpoint in `workdir`."""
+  experiment = train.build_experiment(config)
+  checkpointer = checkpointing.Checkpointer(
+      str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
+  )
+  iterator = input_pipeline.train_iterator(
+      experiment.dataset, global_batch_size=config.train.global_batch_size, seed=config.seed,
+      shuffle=True, worker_threads=0, prefetch_batches=1, sharding=experiment.batch_sharding,
+  )
+  step = checkpointer.latest_step()
+  state = checkpointer.restore(step, experiment.abstract_state, iterator)
+  checkpointer.close()
+  return step, jax.device_get(state), iterator.get_state()
+
+
+def _run(args, **kwargs):
+  return subprocess.run(
+      [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs
+  )
+
+
+def test_sigkill_during_save_resumes_exactly(tmp_path):
+  config = smoke_config(OVERRIDES)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert straight.step == 12
+
+  killed = tmp_path / "killed"
+  proc = _run([
+      "-m", "tests.helpers.kill_during_save", f"--workdir={killed}", "--kill_step=8",
+      f"--overrides={json.dumps(OVERRIDES)}",
+  ])
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  # Step 8 never completed; step 4 is the last complete checkpoint.
+  assert checkpointing.existing_steps(str(killed)) == [4]
+
+  resumed = train.train_and_evaluate(smoke_config(OVERRIDES), str(killed))
+  assert resumed.step == 12
+  step_a, state_a, data_a = _final_params(config, tmp_path / "straight")
+  step_b, state_b, data_b = _final_params(config, killed)
+  assert step_a == step_b == 12
+  assert data_a == data_b  # The data stream continued where the checkpoint left it.
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)  # Bitwise.
+
+
+def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [
+          sys.executable, "-m", "trainer.main", "--config=configs/digits_cnn.py:smoke",
+          f"--workdir={workdir}", "--config.train.num_steps=100000",
+          "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=1000",
+          "--config.train.log_every_steps=5",
+      ],
+      cwd=REPO, stderr=subprocess.PIPE, text=True,
+  )
+  deadline = time.monotonic() + 120
+  for line in proc.stderr:
+    if "step 15/100000" in line:
+      break
+    assert time.monotonic() < deadline, "training never reached step 15"
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "preempted" in stderr.lower() or "training preempted" in stderr.lower()
+  steps = checkpointing.existing_steps(str(workdir))
+  assert len(steps) == 1 and 15 <= steps[0] < 1000, steps  # Saved at the step it stopped.
+
+  config = smoke_config({"train.num_steps": steps[0] + 3})
+  result = train.train_and_evaluate(config, str(workdir))
+  assert result.step == steps[0] + 3
+  assert checkpointing.existing_steps(str(workdir))[-1] == steps[0] + 3
+
+
+def test_finished_run_is_not_retrained(smoke_config, tmp_path):
+  first = train.train_and_evaluate(smoke_config, str(tmp_path))
+  again = train.train_and_evaluate(smoke_config, str(tmp_path))
+  assert again.step == first.step == smoke_config.train.num_steps
+  assert again.logged_losses == {}  # No step ran.
+  assert again.eval_metrics == pytest.approx(first.eval_metrics)
