@@ -133,7 +133,8 @@ def check_compatible(
   expected = _shapes(serialization.to_state_dict(abstract_state))
   mismatches = [
       f"{path}: checkpoint {saved.get(path, 'absent')}, this config {expected.get(path, 'absent')}"
-      for path in sorted(saved.keys() | expected.keys())
+      # Parameters first: they are what a user recognises in a model config.
+      for path in sorted(saved.keys() | expected.keys(), key=lambda p: (not p.startswith("params/"), p))
       if saved.get(path) != expected.get(path)
   ]
   if not mismatches:
