@@ -166,13 +166,16 @@ def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
     for path in paths:
       try:
         with np.load(path) as arrays:
+          for key in (config.inputs_key, config.labels_key):
+            if key not in arrays.files:
+              raise ConfigError(
+                  f"{path} has no array {key!r}; its arrays are {sorted(arrays.files)}. Set "
+                  "config.data.inputs_key / config.data.labels_key to the right names"
+              )
           inputs.append(arrays[config.inputs_key])
           labels.append(arrays[config.labels_key])
-      except KeyError as e:
-        raise ConfigError(
-            f"{path} has no array {e.args[0]!r}; its arrays are {_npz_keys(path)}. Set "
-            "config.data.inputs_key / config.data.labels_key to the right names"
-        ) from e
+      except ConfigError:
+        raise
       except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path} as .npz: {e}") from e
     splits[split] = (ArraySource(np.concatenate(inputs), np.concatenate(labels)), paths)
@@ -230,11 +233,6 @@ def _resolve_paths(config: ml_collections.ConfigDict, split: str) -> list[str]:
           f"config.data.{field}: {path} is not a readable file; fix its permissions or the path"
       )
   return paths
-
-
-def _npz_keys(path: str) -> list[str]:
-  with np.load(path) as arrays:
-    return sorted(arrays.files)
 
 
 def _fingerprint_arrays(*arrays: np.ndarray) -> str:
