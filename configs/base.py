@@ -13,12 +13,12 @@ from ml_collections import config_dict
 # Logical parameter/activation axis names -> mesh axes. `batch` is split over both data-parallel
 # axes (`data` replicates parameters, `fsdp` shards them); `tensor` splits hidden widths.
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("classes", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("classes", None),
 )
 
 
@@ -132,7 +132,7 @@ def parse_config_arg(arg: str | None, **defaults):
     key = key.strip()
     if key not in defaults:
       raise ValueError(
-          f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
+        f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
       )
     values[key] = value.strip() if sep else True
   return ml_collections.ConfigDict(values)

@@ -1,7 +1,7 @@
 """A small CNN on scikit-learn's bundled 8x8 handwritten digits (the `make run` default).
 
-  python -m trainer.main --config=configs/digits_cnn.py --workdir=/tmp/digits
-  python -m trainer.main --config=configs/digits_cnn.py:smoke --workdir=/tmp/smoke
+python -m trainer.main --config=configs/digits_cnn.py --workdir=/tmp/digits
+python -m trainer.main --config=configs/digits_cnn.py:smoke --workdir=/tmp/smoke
 """
 
 from configs import base

@@ -4,14 +4,14 @@ import os
 
 # Must precede the first `import jax` anywhere in the test session.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from configs import digits_cnn  # noqa: E402
+from configs import digits_cnn
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from trainer import train
@@ -25,28 +24,34 @@ def _snapshot(path):
 
 
 CASES = {
-    "unknown_model": ({"model.name": "resnet9000"}, r"unknown model 'resnet9000'.*config\.model\.name.*cnn"),
-    "unknown_dataset": ({"data.name": "imagenet"}, r"unknown dataset 'imagenet'.*config\.data\.name.*digits"),
-    "unknown_optimizer": ({"optim.name": "adagrad9"}, r"unknown optimizer 'adagrad9'.*adamw"),
-    "mesh_product": (
-        {"mesh.data": 2, "mesh.fsdp": 2},
-        r"mesh data=2 x fsdp=2 x tensor=1 needs 4 devices but 8 are present",
-    ),
-    "mesh_fill_indivisible": ({"mesh.data": -1, "mesh.tensor": 3}, r"8 devices do not divide by 3"),
-    "batch_not_divisible": (
-        {"train.global_batch_size": 30},
-        r"global batch 30 \(config\.train\.global_batch_size\) is not divisible by the "
-        r"data-parallel size 8",
-    ),
-    "missing_data_path": (
-        {"data.name": "npz", "data.train_path": "/nonexistent/train.npz", "data.eval_path": "x"},
-        r"config\.data\.train_path='/nonexistent/train\.npz' matches no file",
-    ),
-    "bad_schedule": ({"optim.schedule": "step"}, r"unknown schedule 'step'"),
-    "grad_accum_indivisible": (
-        {"optim.grad_accum_steps": 3},
-        r"grad_accum_steps=3 must divide the 4 rows",
-    ),
+  "unknown_model": (
+    {"model.name": "resnet9000"},
+    r"unknown model 'resnet9000'.*config\.model\.name.*cnn",
+  ),
+  "unknown_dataset": (
+    {"data.name": "imagenet"},
+    r"unknown dataset 'imagenet'.*config\.data\.name.*digits",
+  ),
+  "unknown_optimizer": ({"optim.name": "adagrad9"}, r"unknown optimizer 'adagrad9'.*adamw"),
+  "mesh_product": (
+    {"mesh.data": 2, "mesh.fsdp": 2},
+    r"mesh data=2 x fsdp=2 x tensor=1 needs 4 devices but 8 are present",
+  ),
+  "mesh_fill_indivisible": ({"mesh.data": -1, "mesh.tensor": 3}, r"8 devices do not divide by 3"),
+  "batch_not_divisible": (
+    {"train.global_batch_size": 30},
+    r"global batch 30 \(config\.train\.global_batch_size\) is not divisible by the "
+    r"data-parallel size 8",
+  ),
+  "missing_data_path": (
+    {"data.name": "npz", "data.train_path": "/nonexistent/train.npz", "data.eval_path": "x"},
+    r"config\.data\.train_path='/nonexistent/train\.npz' matches no file",
+  ),
+  "bad_schedule": ({"optim.schedule": "step"}, r"unknown schedule 'step'"),
+  "grad_accum_indivisible": (
+    {"optim.grad_accum_steps": 3},
+    r"grad_accum_steps=3 must divide the 4 rows",
+  ),
 }
 
 
@@ -71,8 +76,12 @@ def test_unreadable_data_path(smoke_config, tmp_path):
   # (root reads files whatever their permission bits).
   path = tmp_path / "train.npz"
   path.mkdir()
-  _apply(smoke_config, {"data.name": "npz", "data.train_path": str(path), "data.eval_path": str(path)})
-  with pytest.raises(ConfigError, match=r"config\.data\.train_path: .*train\.npz is not a readable file"):
+  _apply(
+    smoke_config, {"data.name": "npz", "data.train_path": str(path), "data.eval_path": str(path)}
+  )
+  with pytest.raises(
+    ConfigError, match=r"config\.data\.train_path: .*train\.npz is not a readable file"
+  ):
     train.train_and_evaluate(smoke_config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
@@ -80,7 +89,9 @@ def test_unreadable_data_path(smoke_config, tmp_path):
 def test_corrupt_data_file(smoke_config, tmp_path):
   path = tmp_path / "train.npz"
   path.write_bytes(b"this is not an npz archive")
-  _apply(smoke_config, {"data.name": "npz", "data.train_path": str(path), "data.eval_path": str(path)})
+  _apply(
+    smoke_config, {"data.name": "npz", "data.train_path": str(path), "data.eval_path": str(path)}
+  )
   with pytest.raises(ConfigError, match=r"cannot read .*train\.npz as \.npz"):
     train.train_and_evaluate(smoke_config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
@@ -106,11 +117,18 @@ def test_incompatible_checkpoint_names_the_parameter(smoke_config, tmp_path):
 def test_cli_exits_nonzero_with_the_message(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.run(
-      [
-          sys.executable, "-m", "trainer.main", "--config=configs/digits_cnn.py:smoke",
-          f"--workdir={workdir}", "--config.model.name=nope",
-      ],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+    [
+      sys.executable,
+      "-m",
+      "trainer.main",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={workdir}",
+      "--config.model.name=nope",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode == 1
   assert "error: unknown model 'nope' (config.model.name)" in proc.stderr
@@ -120,11 +138,18 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
 
 def test_cli_rejects_misspelled_override(tmp_path):
   proc = subprocess.run(
-      [
-          sys.executable, "-m", "trainer.main", "--config=configs/digits_cnn.py:smoke",
-          f"--workdir={tmp_path / 'run'}", "--config.optim.learning_rat=0.1",
-      ],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+    [
+      sys.executable,
+      "-m",
+      "trainer.main",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.optim.learning_rat=0.1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode != 0
   assert "learning_rat" in proc.stderr

@@ -18,7 +18,9 @@ def _optim(**overrides):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_schedule_warms_up_then_decays(schedule):
-  fn = create_schedule(_optim(learning_rate=1.0, warmup_steps=10, schedule=schedule, end_lr_factor=0.1), 110)
+  fn = create_schedule(
+    _optim(learning_rate=1.0, warmup_steps=10, schedule=schedule, end_lr_factor=0.1), 110
+  )
   assert float(fn(0)) == 0.0
   assert float(fn(5)) == pytest.approx(0.5)
   assert float(fn(10)) == pytest.approx(1.0)
@@ -29,11 +31,14 @@ def test_schedule_warms_up_then_decays(schedule):
 
 
 def test_weight_decay_skips_biases_and_scales():
-  params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "norm": {"scale": jnp.ones(4)}}
+  params = {
+    "dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+    "norm": {"scale": jnp.ones(4)},
+  }
   assert decay_mask(params) == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}}
   # With zero gradients, only weight decay moves anything, and it must move kernels alone.
   tx = create_optimizer(
-      _optim(name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.5, grad_clip_norm=0.0), 10
+    _optim(name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.5, grad_clip_norm=0.0), 10
   ).tx
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -44,7 +49,9 @@ def test_weight_decay_skips_biases_and_scales():
 
 def test_gradient_clipping_bounds_the_update():
   params = {"w": jnp.zeros((2, 2))}
-  tx = create_optimizer(_optim(name="sgd", learning_rate=1.0, momentum=0.0, grad_clip_norm=1.0), 10).tx
+  tx = create_optimizer(
+    _optim(name="sgd", learning_rate=1.0, momentum=0.0, grad_clip_norm=1.0), 10
+  ).tx
   updates, _ = tx.update({"w": jnp.full((2, 2), 100.0)}, tx.init(params), params)
   assert float(jnp.linalg.norm(updates["w"])) == pytest.approx(1.0, rel=1e-5)
 
@@ -61,18 +68,26 @@ def test_gradient_accumulation_matches_the_full_batch(smoke_config):
   smoke_config.model.dropout_rate = 0.0
   rng = np.random.default_rng(0)
   batch = {
-      "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
-      "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+    "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
+    "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
   }
   full, full_metrics = _one_step(smoke_config, batch)
   smoke_config.optim.grad_accum_steps = 4
   accumulated, accumulated_metrics = _one_step(smoke_config, batch)
-  np.testing.assert_allclose(accumulated_metrics["train/loss"], full_metrics["train/loss"], rtol=1e-5)
-  np.testing.assert_allclose(accumulated_metrics["train/grad_norm"], full_metrics["train/grad_norm"], rtol=1e-5)
-  initial = jax.device_get(train.build_experiment(smoke_config, jax.devices()[:1]).init_state(jax.random.PRNGKey(0)))
+  np.testing.assert_allclose(
+    accumulated_metrics["train/loss"], full_metrics["train/loss"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    accumulated_metrics["train/grad_norm"], full_metrics["train/grad_norm"], rtol=1e-5
+  )
+  initial = jax.device_get(
+    train.build_experiment(smoke_config, jax.devices()[:1]).init_state(jax.random.PRNGKey(0))
+  )
   assert np.abs(full.params["head"]["kernel"] - initial.params["head"]["kernel"]).max() > 1e-4
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated.params, full.params
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    accumulated.params,
+    full.params,
   )
 
 
@@ -80,8 +95,8 @@ def test_ema_tracks_parameters(smoke_config):
   smoke_config.optim.ema_decay = 0.9
   rng = np.random.default_rng(0)
   batch = {
-      "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
-      "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+    "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
+    "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
   }
   experiment = train.build_experiment(smoke_config, jax.devices()[:1])
   before = jax.device_get(experiment.init_state(jax.random.PRNGKey(0)))
@@ -97,8 +112,8 @@ def test_bfloat16_compute_keeps_float32_parameters(smoke_config):
   smoke_config.model.dtype = "bfloat16"
   rng = np.random.default_rng(0)
   batch = {
-      "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
-      "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+    "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
+    "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
   }
   state, metrics = _one_step(smoke_config, batch)
   assert {p.dtype for p in jax.tree.leaves(state.params)} == {np.dtype("float32")}

@@ -15,7 +15,9 @@ def _losses(config, workdir, devices=None):
 
 
 @pytest.mark.parametrize(
-    "mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)], ids=["data8", "data2_fsdp4"]
+  "mesh",
+  [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)],
+  ids=["data8", "data2_fsdp4"],
 )
 def test_mesh_losses_match_single_device(smoke_config, one_device, tmp_path, mesh):
   smoke_config.train.num_steps = 6
@@ -47,7 +49,7 @@ def test_tensor_axis_splits_hidden_width(smoke_config):
   state = experiment.init_state(jax.random.PRNGKey(0))
   kernel = state.params["dense"]["kernel"]  # (embed, mlp): mlp is split over tensor.
   assert {s.data.shape for s in kernel.addressable_shards} == {
-      (kernel.shape[0], kernel.shape[1] // 2)
+    (kernel.shape[0], kernel.shape[1] // 2)
   }
 
 

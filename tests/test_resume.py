@@ -17,11 +17,11 @@ from trainer import checkpointing, input_pipeline, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every 4 steps a checkpoint; evals (and best-checkpoint saves) only at the end.
 OVERRIDES = {
-    "train.num_steps": 12,
-    "checkpoint.every_steps": 4,
-    "eval.every_steps": 100,
-    "checkpoint.keep_last": 5,
-    "model.dropout_rate": 0.1,  # Per-step randomness must resume exactly too.
+  "train.num_steps": 12,
+  "checkpoint.every_steps": 4,
+  "eval.every_steps": 100,
+  "checkpoint.keep_last": 5,
+  "model.dropout_rate": 0.1,  # Per-step randomness must resume exactly too.
 }
 
 
@@ -29,11 +29,16 @@ def _final_params(config, workdir):
   """The parameters and data-iterator state of the latest checkpoint in `workdir`."""
   experiment = train.build_experiment(config)
   checkpointer = checkpointing.Checkpointer(
-      str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
+    str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
   )
   iterator = input_pipeline.train_iterator(
-      experiment.dataset, global_batch_size=config.train.global_batch_size, seed=config.seed,
-      shuffle=True, worker_threads=0, prefetch_batches=1, sharding=experiment.batch_sharding,
+    experiment.dataset,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    shuffle=True,
+    worker_threads=0,
+    prefetch_batches=1,
+    sharding=experiment.batch_sharding,
   )
   step = checkpointer.latest_step()
   state = checkpointer.restore(step, experiment.abstract_state, iterator)
@@ -43,7 +48,7 @@ def _final_params(config, workdir):
 
 def _run(args, **kwargs):
   return subprocess.run(
-      [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs
+    [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs
   )
 
 
@@ -53,10 +58,15 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
   assert straight.step == 12
 
   killed = tmp_path / "killed"
-  proc = _run([
-      "-m", "tests.helpers.kill_during_save", f"--workdir={killed}", "--kill_step=8",
+  proc = _run(
+    [
+      "-m",
+      "tests.helpers.kill_during_save",
+      f"--workdir={killed}",
+      "--kill_step=8",
       f"--overrides={json.dumps(OVERRIDES)}",
-  ])
+    ]
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   # Step 8 never completed; step 4 is the last complete checkpoint.
   assert checkpointing.existing_steps(str(killed)) == [4]
@@ -73,13 +83,20 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
 def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [
-          sys.executable, "-m", "trainer.main", "--config=configs/digits_cnn.py:smoke",
-          f"--workdir={workdir}", "--config.train.num_steps=100000",
-          "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=1000",
-          "--config.train.log_every_steps=5",
-      ],
-      cwd=REPO, stderr=subprocess.PIPE, text=True,
+    [
+      sys.executable,
+      "-m",
+      "trainer.main",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100000",
+      "--config.checkpoint.every_steps=1000",
+      "--config.eval.every_steps=1000",
+      "--config.train.log_every_steps=5",
+    ],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   deadline = time.monotonic() + 120
   for line in proc.stderr:

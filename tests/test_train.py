@@ -38,15 +38,23 @@ def test_metrics_tensorboard_and_manifest(smoke_config, tmp_path):
   events = _event_tags(str(tmp_path / "tensorboard"))
   scalars = set(events.Tags()["scalars"])
   for tag in (
-      "train/loss", "train/grad_norm", "train/param_norm", "train/update_norm",
-      "train/learning_rate", "perf/steps_per_sec", "perf/examples_per_sec",
-      "eval/loss", "eval/accuracy",
+    "train/loss",
+    "train/grad_norm",
+    "train/param_norm",
+    "train/update_norm",
+    "train/learning_rate",
+    "perf/steps_per_sec",
+    "perf/examples_per_sec",
+    "eval/loss",
+    "eval/accuracy",
   ):
     assert tag in scalars, tag
   logged_steps = [e.step for e in events.Scalars("train/loss")]
   assert logged_steps == [5, 10, 15, 20]
   assert [e.step for e in events.Scalars("eval/accuracy")] == [10, 20]
-  assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(result.eval_metrics["eval/accuracy"])
+  assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(
+    result.eval_metrics["eval/accuracy"]
+  )
   assert "config/text_summary" in events.Tags()["tensors"]
   hparams_files = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events")]
   assert len(hparams_files) == 1  # Hparams live in the same run as the scalars.
@@ -55,7 +63,11 @@ def test_metrics_tensorboard_and_manifest(smoke_config, tmp_path):
 
   manifest = json.loads((tmp_path / "manifest.json").read_text())
   assert manifest["config"]["model"]["name"] == "cnn_tiny"
-  assert manifest["devices"]["count"] == 8 and manifest["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert manifest["devices"]["count"] == 8 and manifest["mesh"] == {
+    "data": 8,
+    "fsdp": 1,
+    "tensor": 1,
+  }
   assert manifest["data_fingerprint"].startswith("sha256:")
   assert manifest["packages"]["jax"] == jax.__version__
   assert set(manifest["git"]) == {"commit", "dirty"}
@@ -65,7 +77,9 @@ def test_non_finite_loss_stops_and_is_never_checkpointed(smoke_config, tmp_path)
   smoke_config.optim.update(name="sgd", learning_rate=1e30, warmup_steps=0, grad_clip_norm=0.0)
   smoke_config.checkpoint.every_steps = 2
   smoke_config.train.log_every_steps = 1
-  with pytest.raises(NonFiniteError, match=r"non-finite .*train/(loss|grad_norm).* at step (\d+)") as error:
+  with pytest.raises(
+    NonFiniteError, match=r"non-finite .*train/(loss|grad_norm).* at step (\d+)"
+  ) as error:
     train.train_and_evaluate(smoke_config, str(tmp_path))
   bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
   saved = checkpointing.existing_steps(str(tmp_path))
@@ -86,7 +100,9 @@ def test_keeps_last_k_plus_best_k(smoke_config, tmp_path):
 def test_early_stopping(smoke_config, tmp_path):
   smoke_config.train.num_steps = 200
   smoke_config.optim.learning_rate = 0.0  # Nothing improves after the first eval.
-  smoke_config.eval.update(every_steps=5, early_stopping_patience=2, best_metric="loss", best_mode="min")
+  smoke_config.eval.update(
+    every_steps=5, early_stopping_patience=2, best_metric="loss", best_mode="min"
+  )
   result = train.train_and_evaluate(smoke_config, str(tmp_path))
   assert result.stopped_early
   assert result.step == 15  # First eval sets the best; two more without improvement.
@@ -95,11 +111,13 @@ def test_early_stopping(smoke_config, tmp_path):
 
 def test_training_never_imports_tensorflow(tmp_path):
   code = (
-      "import sys; from trainer import train; from configs import digits_cnn;"
-      "c = digits_cnn.get_config('smoke'); c.train.num_steps = 2;"
-      f"train.train_and_evaluate(c, {str(tmp_path)!r});"
-      "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')];"
-      "assert not bad, bad"
+    "import sys; from trainer import train; from configs import digits_cnn;"
+    "c = digits_cnn.get_config('smoke'); c.train.num_steps = 2;"
+    f"train.train_and_evaluate(c, {str(tmp_path)!r});"
+    "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')];"
+    "assert not bad, bad"
   )
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -45,31 +45,31 @@ class Checkpointer:
   """
 
   def __init__(
-      self,
-      workdir: str,
-      config: ml_collections.ConfigDict,
-      *,
-      best_metric: str,
-      best_mode: str,
+    self,
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    best_metric: str,
+    best_mode: str,
   ):
     self.best_metric = best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=config.keep_last)]
     if config.keep_best > 0:
       policies.append(
-          ocp.checkpoint_managers.BestN(
-              get_metric_fn=lambda metrics: metrics[best_metric],
-              reverse=best_mode == "min",
-              n=config.keep_best,
-              keep_checkpoints_without_metrics=False,
-          )
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric],
+          reverse=best_mode == "min",
+          n=config.keep_best,
+          keep_checkpoints_without_metrics=False,
+        )
       )
     self._manager = _manager(
-        checkpoint_dir(workdir),
-        read_only=False,
-        async_save=config.async_save,
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=lambda metrics: metrics[best_metric],
-        best_mode=best_mode,
+      checkpoint_dir(workdir),
+      read_only=False,
+      async_save=config.async_save,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      best_fn=lambda metrics: metrics[best_metric],
+      best_mode=best_mode,
     )
 
   def latest_step(self) -> int | None:
@@ -79,38 +79,38 @@ class Checkpointer:
     return self._manager.best_step()
 
   def save(
-      self,
-      state: TrainState,
-      data_iterator: grain.DatasetIterator,
-      config: ml_collections.ConfigDict,
-      metrics: dict[str, float] | None = None,
+    self,
+    state: TrainState,
+    data_iterator: grain.DatasetIterator,
+    config: ml_collections.ConfigDict,
+    metrics: dict[str, float] | None = None,
   ) -> None:
     """Starts saving at `state.step`; returns once the arrays are copied off the device."""
     step = int(jax.device_get(state.step))
     self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-        ),
-        metrics=metrics,
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      ),
+      metrics=metrics,
+      force=True,
     )
 
   def restore(
-      self,
-      step: int,
-      abstract_state: TrainState,
-      data_iterator: grain.DatasetIterator,
+    self,
+    step: int,
+    abstract_state: TrainState,
+    data_iterator: grain.DatasetIterator,
   ) -> TrainState:
     """Restores `step` onto the shardings in `abstract_state` (any mesh, any process count)."""
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
-        ),
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
     )
     return serialization.from_state_dict(abstract_state, restored["state"])
 
@@ -122,7 +122,7 @@ class Checkpointer:
 
 
 def check_compatible(
-    workdir: str, step: int, abstract_state: TrainState, config: ml_collections.ConfigDict
+  workdir: str, step: int, abstract_state: TrainState, config: ml_collections.ConfigDict
 ) -> None:
   """Raises ConfigError naming the first parameter whose checkpointed shape differs."""
   directory = checkpoint_dir(workdir)
@@ -132,47 +132,49 @@ def check_compatible(
   saved = _shapes(metadata["state"])
   expected = _shapes(serialization.to_state_dict(abstract_state))
   mismatches = [
-      f"{path}: checkpoint {saved.get(path, 'absent')}, this config {expected.get(path, 'absent')}"
-      # Parameters first: they are what a user recognises in a model config.
-      for path in sorted(saved.keys() | expected.keys(), key=lambda p: (not p.startswith("params/"), p))
-      if saved.get(path) != expected.get(path)
+    f"{path}: checkpoint {saved.get(path, 'absent')}, this config {expected.get(path, 'absent')}"
+    # Parameters first: they are what a user recognises in a model config.
+    for path in sorted(
+      saved.keys() | expected.keys(), key=lambda p: (not p.startswith("params/"), p)
+    )
+    if saved.get(path) != expected.get(path)
   ]
   if not mismatches:
     return
   config_diffs = _config_diffs(saved_config["config"], json.loads(config.to_json_best_effort()))
   raise ConfigError(
-      f"{directory} holds step {step} of a run with an incompatible config: "
-      f"{len(mismatches)} array(s) differ, first {mismatches[0]}."
-      + (f" Config differences: {'; '.join(config_diffs)}." if config_diffs else "")
-      + " Use a new --workdir, or the config that wrote this checkpoint."
+    f"{directory} holds step {step} of a run with an incompatible config: "
+    f"{len(mismatches)} array(s) differ, first {mismatches[0]}."
+    + (f" Config differences: {'; '.join(config_diffs)}." if config_diffs else "")
+    + " Use a new --workdir, or the config that wrote this checkpoint."
   )
 
 
 def _manager(directory: str, *, read_only: bool, async_save: bool = False, **options):
   handlers = {
-      "state": ocp.StandardCheckpointHandler(),
-      "data_iter": grain.checkpoint.CheckpointHandler(),
-      "config": ocp.JsonCheckpointHandler(),
+    "state": ocp.StandardCheckpointHandler(),
+    "data_iter": grain.checkpoint.CheckpointHandler(),
+    "config": ocp.JsonCheckpointHandler(),
   }
   return ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(
-          read_only=read_only,
-          create=not read_only,
-          enable_async_checkpointing=async_save,
-          cleanup_tmp_directories=not read_only,
-          **options,
-      ),
-      item_handlers=handlers,
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      read_only=read_only,
+      create=not read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+      **options,
+    ),
+    item_handlers=handlers,
   )
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-      for path, leaf in flat
-      if hasattr(leaf, "shape")
+    "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    for path, leaf in flat
+    if hasattr(leaf, "shape")
   }
 
 
@@ -182,7 +184,5 @@ def _config_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     before, now = saved.get(section, {}), current.get(section, {})
     for key in sorted(before.keys() | now.keys()):
       if before.get(key) != now.get(key):
-        diffs.append(
-            f"config.{section}.{key} was {before.get(key)!r}, now {now.get(key)!r}"
-        )
+        diffs.append(f"config.{section}.{key} was {before.get(key)!r}, now {now.get(key)!r}")
   return diffs

@@ -57,8 +57,8 @@ class ArrayRecordSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     example = serialization.msgpack_restore(self._records[index])
     return {
-        "inputs": np.asarray(example["inputs"], np.float32),
-        "labels": np.asarray(example["labels"], np.int32),
+      "inputs": np.asarray(example["inputs"], np.float32),
+      "labels": np.asarray(example["labels"], np.int32),
     }
 
 
@@ -91,14 +91,14 @@ def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> Non
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Opens the dataset `config.data.name`; raises ConfigError for unknown names or bad paths."""
   loaders = {
-      "digits": _load_digits,
-      "synthetic": _load_synthetic,
-      "npz": _load_npz,
-      "array_record": _load_array_record,
+    "digits": _load_digits,
+    "synthetic": _load_synthetic,
+    "npz": _load_npz,
+    "array_record": _load_array_record,
   }
   if config.name not in loaders:
     raise ConfigError(
-        f"unknown dataset {config.name!r} (config.data.name); choose one of {sorted(loaders)}"
+      f"unknown dataset {config.name!r} (config.data.name); choose one of {sorted(loaders)}"
     )
   dataset = loaders[config.name](config)
   # User overrides win over each dataset's default normalization.
@@ -119,13 +119,13 @@ def _load_digits(config: ml_collections.ConfigDict) -> Dataset:
   num_test = len(labels) // 5
   test, train = order[:num_test], order[num_test:]
   return Dataset(
-      train=ArraySource(images[train], labels[train]),
-      eval=ArraySource(images[test], labels[test]),
-      num_classes=10,
-      input_shape=images.shape[1:],
-      mean=0.0,
-      std=16.0,
-      fingerprint=_fingerprint_arrays(images[train], labels[train], images[test], labels[test]),
+    train=ArraySource(images[train], labels[train]),
+    eval=ArraySource(images[test], labels[test]),
+    num_classes=10,
+    input_shape=images.shape[1:],
+    mean=0.0,
+    std=16.0,
+    fingerprint=_fingerprint_arrays(images[train], labels[train], images[test], labels[test]),
   )
 
 
@@ -135,8 +135,8 @@ def _load_synthetic(config: ml_collections.ConfigDict) -> Dataset:
   num_classes = config.synthetic_num_classes
   if num_classes < 2 or not shape or min(shape) < 1:
     raise ConfigError(
-        f"synthetic data needs >= 2 classes and a non-empty positive shape, got "
-        f"config.data.synthetic_num_classes={num_classes}, synthetic_input_shape={shape}"
+      f"synthetic data needs >= 2 classes and a non-empty positive shape, got "
+      f"config.data.synthetic_num_classes={num_classes}, synthetic_input_shape={shape}"
     )
   rng = np.random.default_rng(config.split_seed)
   prototypes = rng.normal(size=(num_classes, *shape)).astype(np.float32)
@@ -148,13 +148,13 @@ def _load_synthetic(config: ml_collections.ConfigDict) -> Dataset:
 
   train, evaluation = split(config.synthetic_train_examples), split(config.synthetic_eval_examples)
   return Dataset(
-      train=train,
-      eval=evaluation,
-      num_classes=num_classes,
-      input_shape=shape,
-      mean=0.0,
-      std=1.0,
-      fingerprint=_fingerprint_arrays(train.inputs, train.labels, evaluation.inputs),
+    train=train,
+    eval=evaluation,
+    num_classes=num_classes,
+    input_shape=shape,
+    mean=0.0,
+    std=1.0,
+    fingerprint=_fingerprint_arrays(train.inputs, train.labels, evaluation.inputs),
   )
 
 
@@ -169,8 +169,8 @@ def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
           for key in (config.inputs_key, config.labels_key):
             if key not in arrays.files:
               raise ConfigError(
-                  f"{path} has no array {key!r}; its arrays are {sorted(arrays.files)}. Set "
-                  "config.data.inputs_key / config.data.labels_key to the right names"
+                f"{path} has no array {key!r}; its arrays are {sorted(arrays.files)}. Set "
+                "config.data.inputs_key / config.data.labels_key to the right names"
               )
           inputs.append(arrays[config.inputs_key])
           labels.append(arrays[config.labels_key])
@@ -182,21 +182,21 @@ def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
   (train, train_paths), (evaluation, eval_paths) = splits["train"], splits["eval"]
   num_classes = config.num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
   return Dataset(
-      train=train,
-      eval=evaluation,
-      num_classes=num_classes,
-      input_shape=train.inputs.shape[1:],
-      mean=0.0,
-      std=1.0,
-      fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
+    train=train,
+    eval=evaluation,
+    num_classes=num_classes,
+    input_shape=train.inputs.shape[1:],
+    mean=0.0,
+    std=1.0,
+    fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
   )
 
 
 def _load_array_record(config: ml_collections.ConfigDict) -> Dataset:
   if config.num_classes < 2:
     raise ConfigError(
-        "array_record data needs config.data.num_classes (>= 2): the label count is not "
-        "stored in the records"
+      "array_record data needs config.data.num_classes (>= 2): the label count is not "
+      "stored in the records"
     )
   train_paths, eval_paths = _resolve_paths(config, "train"), _resolve_paths(config, "eval")
   try:
@@ -205,13 +205,13 @@ def _load_array_record(config: ml_collections.ConfigDict) -> Dataset:
   except Exception as e:  # array_record raises bare RuntimeErrors/ValueErrors on bad files.
     raise ConfigError(f"cannot read ArrayRecord files {train_paths + eval_paths}: {e}") from e
   return Dataset(
-      train=train,
-      eval=evaluation,
-      num_classes=config.num_classes,
-      input_shape=first["inputs"].shape,
-      mean=0.0,
-      std=1.0,
-      fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
+    train=train,
+    eval=evaluation,
+    num_classes=config.num_classes,
+    input_shape=first["inputs"].shape,
+    mean=0.0,
+    std=1.0,
+    fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
   )
 
 
@@ -220,17 +220,17 @@ def _resolve_paths(config: ml_collections.ConfigDict, split: str) -> list[str]:
   pattern = config[field]
   if not pattern:
     raise ConfigError(
-        f"config.data.name={config.name!r} reads files: set config.data.{field} to a path or glob"
+      f"config.data.name={config.name!r} reads files: set config.data.{field} to a path or glob"
     )
   paths = sorted(glob.glob(os.path.expanduser(pattern)))
   if not paths:
     raise ConfigError(
-        f"config.data.{field}={pattern!r} matches no file; check the path (globs are allowed)"
+      f"config.data.{field}={pattern!r} matches no file; check the path (globs are allowed)"
     )
   for path in paths:
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
       raise ConfigError(
-          f"config.data.{field}: {path} is not a readable file; fix its permissions or the path"
+        f"config.data.{field}: {path} is not a readable file; fix its permissions or the path"
       )
   return paths
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from grain import experimental as grain_experimental
 
-from trainer.data_sources import ArraySource, ArrayRecordSource, Dataset
+from trainer.data_sources import ArrayRecordSource, ArraySource, Dataset
 from trainer.errors import ConfigError
 
 # Device-side buffer: one batch being consumed, one transferred ahead.
@@ -27,52 +27,54 @@ def per_process_batch_size(global_batch_size: int, data_parallel_size: int, name
   """Validates a global batch against the mesh and returns this process's share of it."""
   if global_batch_size <= 0 or global_batch_size % data_parallel_size:
     raise ConfigError(
-        f"global batch {global_batch_size} ({name}) is not divisible by the data-parallel "
-        f"size {data_parallel_size} (mesh data x fsdp); use a multiple of {data_parallel_size}"
+      f"global batch {global_batch_size} ({name}) is not divisible by the data-parallel "
+      f"size {data_parallel_size} (mesh data x fsdp); use a multiple of {data_parallel_size}"
     )
   return global_batch_size // jax.process_count()
 
 
 def train_iterator(
-    dataset: Dataset,
-    *,
-    global_batch_size: int,
-    seed: int,
-    shuffle: bool,
-    worker_threads: int,
-    prefetch_batches: int,
-    sharding: jax.sharding.NamedSharding,
+  dataset: Dataset,
+  *,
+  global_batch_size: int,
+  seed: int,
+  shuffle: bool,
+  worker_threads: int,
+  prefetch_batches: int,
+  sharding: jax.sharding.NamedSharding,
 ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of `{"inputs", "labels"}` global jax.Arrays."""
   local_batch = global_batch_size // jax.process_count()
   ds = grain.MapDataset.source(dataset.train)[jax.process_index() :: jax.process_count()]
   if len(ds) < local_batch:
     raise ConfigError(
-        f"this process holds {len(ds)} training examples, fewer than its batch of {local_batch}; "
-        "lower config.train.global_batch_size"
+      f"this process holds {len(ds)} training examples, fewer than its batch of {local_batch}; "
+      "lower config.train.global_batch_size"
     )
   ds = ds.seed(seed)
   if shuffle:
     ds = ds.shuffle()
   # Each epoch reshuffles; batches may span an epoch boundary, so no example is ever dropped.
   ds = ds.repeat().batch(local_batch, drop_remainder=True)
-  read_options = grain.ReadOptions(num_threads=worker_threads, prefetch_buffer_size=prefetch_batches)
+  read_options = grain.ReadOptions(
+    num_threads=worker_threads, prefetch_buffer_size=prefetch_batches
+  )
   iter_ds = grain_experimental.ThreadPrefetchIterDataset(
-      ds.to_iter_dataset(read_options), prefetch_buffer_size=prefetch_batches
+    ds.to_iter_dataset(read_options), prefetch_buffer_size=prefetch_batches
   )
   # The host-to-device copy runs in its own thread, one batch ahead of the step.
   iter_ds = grain_experimental.ThreadPrefetchIterDataset(
-      iter_ds.map(lambda batch: _to_global_arrays(batch, sharding)),
-      prefetch_buffer_size=_DEVICE_BUFFER_BATCHES,
+    iter_ds.map(lambda batch: _to_global_arrays(batch, sharding)),
+    prefetch_buffer_size=_DEVICE_BUFFER_BATCHES,
   )
   return iter(iter_ds)
 
 
 def eval_batches(
-    source: ArraySource | ArrayRecordSource,
-    *,
-    global_batch_size: int,
-    sharding: jax.sharding.NamedSharding,
+  source: ArraySource | ArrayRecordSource,
+  *,
+  global_batch_size: int,
+  sharding: jax.sharding.NamedSharding,
 ) -> Iterator[dict[str, jax.Array]]:
   """One pass over `source`, every example exactly once; padding rows carry `mask` 0.
 
@@ -83,7 +85,7 @@ def eval_batches(
   largest_shard = math.ceil(len(source) / jax.process_count())
   num_batches = math.ceil(largest_shard / local_batch)
   batches = ds.batch(local_batch, drop_remainder=False).to_iter_dataset(
-      grain.ReadOptions(num_threads=0)
+    grain.ReadOptions(num_threads=0)
   )
   batches = iter(batches)
   for _ in range(num_batches):
@@ -96,13 +98,15 @@ def _pad_batch(batch: dict | None, size: int, source) -> dict[str, np.ndarray]:
     example = source[0]
     batch = {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
   num_real = len(batch["labels"])
-  padded = {k: np.concatenate([v, np.zeros((size - num_real, *v.shape[1:]), v.dtype)])
-            for k, v in batch.items()}
+  padded = {
+    k: np.concatenate([v, np.zeros((size - num_real, *v.shape[1:]), v.dtype)])
+    for k, v in batch.items()
+  }
   padded["mask"] = (np.arange(size) < num_real).astype(np.float32)
   return padded
 
 
 def _to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
   }

@@ -17,7 +17,7 @@ from trainer import train
 from trainer.errors import ConfigError, NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True
+  "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the manifest.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -30,7 +30,7 @@ _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/_src/")
 class _LibraryInfoFilter(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in _CHATTY_LIBRARIES
+      part in record.pathname for part in _CHATTY_LIBRARIES
     )
 
 
@@ -39,9 +39,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   logging.info(
-      "JAX process %d/%d, %d local / %d global devices (%s)",
-      jax.process_index(), jax.process_count(), jax.local_device_count(),
-      jax.device_count(), jax.devices()[0].device_kind,
+    "JAX process %d/%d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
   )
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -57,12 +60,12 @@ def _print_summary(result: train.TrainResult) -> None:
   status = "preempted" if result.preempted else "stopped early" if result.stopped_early else "done"
   accuracy = result.eval_metrics.get("eval/accuracy")
   lines = [
-      f"training {status} at step {result.step}",
-      f"test accuracy: {accuracy:.4f}" if accuracy is not None else "test accuracy: n/a",
-      f"test loss: {result.eval_metrics.get('eval/loss', float('nan')):.4f}",
-      f"best checkpoint step: {result.best_checkpoint_step}",
-      f"workdir: {result.workdir}",
-      f"tensorboard --logdir {result.workdir}/tensorboard",
+    f"training {status} at step {result.step}",
+    f"test accuracy: {accuracy:.4f}" if accuracy is not None else "test accuracy: n/a",
+    f"test loss: {result.eval_metrics.get('eval/loss', float('nan')):.4f}",
+    f"best checkpoint step: {result.best_checkpoint_step}",
+    f"workdir: {result.workdir}",
+    f"tensorboard --logdir {result.workdir}/tensorboard",
   ]
   print("\n".join(lines), flush=True)
 

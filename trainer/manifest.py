@@ -15,7 +15,16 @@ import ml_collections
 from jax.sharding import Mesh
 
 # Packages whose versions decide numerics or checkpoint formats.
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections")
+_PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "numpy",
+  "ml-collections",
+)
 
 
 def git_state(repo_dir: str) -> dict[str, object]:
@@ -24,7 +33,7 @@ def git_state(repo_dir: str) -> dict[str, object]:
   def git(*args: str) -> str | None:
     try:
       out = subprocess.run(
-          ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
+        ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
       )
     except (OSError, subprocess.SubprocessError):
       return None
@@ -46,25 +55,25 @@ def package_versions() -> dict[str, str | None]:
 
 
 def build_manifest(
-    config: ml_collections.ConfigDict, mesh: Mesh, data_fingerprint: str, start_step: int
+  config: ml_collections.ConfigDict, mesh: Mesh, data_fingerprint: str, start_step: int
 ) -> dict:
   repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return {
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "start_step": start_step,
-      "config": json.loads(config.to_json_best_effort()),
-      "git": git_state(repo_dir),
-      "python": sys.version.split()[0],
-      "platform": platform.platform(),
-      "packages": package_versions(),
-      "devices": {
-          "platform": jax.devices()[0].platform,
-          "kind": jax.devices()[0].device_kind,
-          "count": jax.device_count(),
-          "process_count": jax.process_count(),
-      },
-      "mesh": dict(mesh.shape),
-      "data_fingerprint": data_fingerprint,
+    "created": datetime.datetime.now(datetime.UTC).isoformat(),
+    "start_step": start_step,
+    "config": json.loads(config.to_json_best_effort()),
+    "git": git_state(repo_dir),
+    "python": sys.version.split()[0],
+    "platform": platform.platform(),
+    "packages": package_versions(),
+    "devices": {
+      "platform": jax.devices()[0].platform,
+      "kind": jax.devices()[0].device_kind,
+      "count": jax.device_count(),
+      "process_count": jax.process_count(),
+    },
+    "mesh": dict(mesh.shape),
+    "data_fingerprint": data_fingerprint,
   }
 
 

@@ -46,7 +46,7 @@ class MetricWriter:
 
     self._writer.add_text("config", "```\n" + str(config) + "\n```", 0)
     experiment, session_start, _ = hparams(
-        flatten_config(config), {name: math.nan for name in metric_names}
+      flatten_config(config), {name: math.nan for name in metric_names}
     )
     self._writer.file_writer.add_summary(experiment)
     self._writer.file_writer.add_summary(session_start)
@@ -100,9 +100,9 @@ class StepMetrics:
       bad = {k: float(metrics[k]) for k in _GUARDED_METRICS if not np.isfinite(metrics[k])}
       if bad:
         raise NonFiniteError(
-            f"non-finite {bad} at step {step}; the run stopped and this state was not "
-            "checkpointed. Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, "
-            "or check the input data"
+          f"non-finite {bad} at step {step}; the run stopped and this state was not "
+          "checkpointed. Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, "
+          "or check the input data"
         )
 
   def summarize(self) -> dict[str, float]:
@@ -132,6 +132,11 @@ class ProgressLogger:
   def log(self, step: int, loss: float, steps_per_sec: float) -> None:
     eta = datetime.timedelta(seconds=round((self._total - step) / max(steps_per_sec, 1e-9)))
     logging.info(
-        "step %d/%d (%d%%) | loss %.4f | %.1f steps/s | ETA %s",
-        step, self._total, 100 * step // self._total, loss, steps_per_sec, eta,
+      "step %d/%d (%d%%) | loss %.4f | %.1f steps/s | ETA %s",
+      step,
+      self._total,
+      100 * step // self._total,
+      loss,
+      steps_per_sec,
+      eta,
     )

@@ -26,11 +26,11 @@ def create_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.
   end = peak * config.end_lr_factor
   if config.schedule not in SCHEDULES:
     raise ConfigError(
-        f"unknown schedule {config.schedule!r} (config.optim.schedule); choose one of {SCHEDULES}"
+      f"unknown schedule {config.schedule!r} (config.optim.schedule); choose one of {SCHEDULES}"
     )
   if not 0 <= warmup <= num_steps:
     raise ConfigError(
-        f"config.optim.warmup_steps={warmup} must lie in [0, config.train.num_steps={num_steps}]"
+      f"config.optim.warmup_steps={warmup} must lie in [0, config.train.num_steps={num_steps}]"
     )
   decay_steps = max(num_steps - warmup, 1)
   if config.schedule == "cosine":
@@ -53,23 +53,31 @@ def create_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> Optim
   """Builds `config.name` with clipping and masked weight decay; raises ConfigError if unknown."""
   schedule = create_schedule(config, num_steps)
   factories = {
-      "adamw": lambda: optax.adamw(
-          schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-          weight_decay=config.weight_decay, mask=decay_mask,
-      ),
-      "adam": lambda: optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps),
-      "lamb": lambda: optax.lamb(
-          schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-          weight_decay=config.weight_decay, mask=decay_mask,
-      ),
-      "sgd": lambda: optax.chain(
-          optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-          optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
-      ),
+    "adamw": lambda: optax.adamw(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+      mask=decay_mask,
+    ),
+    "adam": lambda: optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps),
+    "lamb": lambda: optax.lamb(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+      mask=decay_mask,
+    ),
+    "sgd": lambda: optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    ),
   }
   if config.name not in factories:
     raise ConfigError(
-        f"unknown optimizer {config.name!r} (config.optim.name); choose one of {sorted(factories)}"
+      f"unknown optimizer {config.name!r} (config.optim.name); choose one of {sorted(factories)}"
     )
   if config.grad_clip_norm < 0:
     raise ConfigError(f"config.optim.grad_clip_norm={config.grad_clip_norm} must be >= 0")

@@ -24,7 +24,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def create_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = {axis: config[axis] for axis in MESH_AXES}
@@ -32,22 +34,22 @@ def create_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   fill_axes = [axis for axis, size in sizes.items() if size == -1]
   if len(fill_axes) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
     raise ConfigError(
-        f"mesh {described} is invalid: sizes must be positive, with at most one -1 "
-        "(config.mesh.<axis>)"
+      f"mesh {described} is invalid: sizes must be positive, with at most one -1 "
+      "(config.mesh.<axis>)"
     )
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if fill_axes:
     if len(devices) % fixed:
       raise ConfigError(
-          f"mesh {described}: {len(devices)} devices do not divide by {fixed}; "
-          "choose axis sizes whose product divides the device count"
+        f"mesh {described}: {len(devices)} devices do not divide by {fixed}; "
+        "choose axis sizes whose product divides the device count"
       )
     sizes[fill_axes[0]] = len(devices) // fixed
   if math.prod(sizes.values()) != len(devices):
     raise ConfigError(
-        f"mesh {described} needs {math.prod(sizes.values())} devices but {len(devices)} are "
-        f"present; make the product of config.mesh.data/fsdp/tensor equal {len(devices)} "
-        "(or set one of them to -1)"
+      f"mesh {described} needs {math.prod(sizes.values())} devices but {len(devices)} are "
+      f"present; make the product of config.mesh.data/fsdp/tensor equal {len(devices)} "
+      "(or set one of them to -1)"
     )
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   try:
@@ -86,7 +88,7 @@ def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules) -> object:
   def fit(path, leaf, spec):
     spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
     fitted = []
-    for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (leaf.ndim - len(spec))):
+    for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (leaf.ndim - len(spec)), strict=True):
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       if dim % math.prod(mesh.shape[name] for name in names):
         replicated_dims.append(f"{jax.tree_util.keystr(path)} dim {dim} over {names}")
@@ -96,19 +98,19 @@ def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules) -> object:
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   specs = jax.tree_util.tree_leaves(
-      mesh_specs, is_leaf=lambda x: x is None or isinstance(x, PartitionSpec)
+    mesh_specs, is_leaf=lambda x: x is None or isinstance(x, PartitionSpec)
   )
   specs = [spec for spec in specs if spec is not None] if len(specs) != len(leaves) else specs
   if len(specs) != len(leaves):
     raise ValueError(f"{len(specs)} partition specs for {len(leaves)} arrays")
   shardings = treedef.unflatten(
-      fit(path, leaf, spec) for (path, leaf), spec in zip(leaves, specs, strict=True)
+    fit(path, leaf, spec) for (path, leaf), spec in zip(leaves, specs, strict=True)
   )
   if replicated_dims:
     logging.warning(
-        "Replicating %d parameter dimension(s) the mesh does not divide: %s",
-        len(replicated_dims),
-        "; ".join(replicated_dims),
+      "Replicating %d parameter dimension(s) the mesh does not divide: %s",
+      len(replicated_dims),
+      "; ".join(replicated_dims),
     )
   return shardings
 

@@ -24,7 +24,9 @@ class PreemptionWatcher:
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning("Received signal %d: saving a checkpoint at the current step, then exiting.", signum)
+    logging.warning(
+      "Received signal %d: saving a checkpoint at the current step, then exiting.", signum
+    )
     self._event.set()
 
   def __enter__(self) -> PreemptionWatcher:

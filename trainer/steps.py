@@ -18,23 +18,23 @@ def normalize(inputs: jax.Array, mean: float, std: float) -> jax.Array:
 
 
 def make_train_step(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    *,
-    mean: float,
-    std: float,
-    grad_accum_steps: int,
-    ema_decay: float,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  *,
+  mean: float,
+  std: float,
+  grad_accum_steps: int,
+  ema_decay: float,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   def loss_fn(params, model_state, batch, rng):
     variables = {"params": params, **model_state}
     logits, new_model_state = model.apply(
-        variables,
-        normalize(batch["inputs"], mean, std),
-        train=True,
-        rngs={"dropout": rng},
-        mutable=list(model_state),
+      variables,
+      normalize(batch["inputs"], mean, std),
+      train=True,
+      rngs={"dropout": rng},
+      mutable=list(model_state),
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
     accuracy = (logits.argmax(-1) == batch["labels"]).mean()
@@ -58,7 +58,7 @@ def make_train_step(
       model_state, grad_sum, loss_sum, accuracy_sum = carry
       micro_batch, index = micro_batch_and_index
       (loss, (model_state, accuracy)), grads = grad_fn(
-          state.params, model_state, micro_batch, jax.random.fold_in(rng, index)
+        state.params, model_state, micro_batch, jax.random.fold_in(rng, index)
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return (model_state, grad_sum, loss_sum + loss, accuracy_sum + accuracy), None
@@ -66,7 +66,7 @@ def make_train_step(
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (state.model_state, zeros, jnp.zeros(()), jnp.zeros(()))
     (model_state, grad_sum, loss_sum, accuracy_sum), _ = jax.lax.scan(
-        micro_step, init, (micro_batches, jnp.arange(grad_accum_steps))
+      micro_step, init, (micro_batches, jnp.arange(grad_accum_steps))
     )
     scale = 1.0 / grad_accum_steps
     grads = jax.tree.map(lambda g: g * scale, grad_sum)
@@ -81,19 +81,19 @@ def make_train_step(
     if ema_params is not None:
       ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        model_state=model_state,
-        ema_params=ema_params,
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      model_state=model_state,
+      ema_params=ema_params,
     )
     metrics = {
-        "train/loss": loss,
-        "train/accuracy": accuracy,
-        "train/grad_norm": optax.tree.norm(grads),
-        "train/param_norm": optax.tree.norm(params),
-        "train/update_norm": optax.tree.norm(updates),
-        "train/learning_rate": schedule(state.step),
+      "train/loss": loss,
+      "train/accuracy": accuracy,
+      "train/grad_norm": optax.tree.norm(grads),
+      "train/param_norm": optax.tree.norm(params),
+      "train/update_norm": optax.tree.norm(updates),
+      "train/learning_rate": schedule(state.step),
     }
     return new_state, metrics
 
@@ -109,9 +109,9 @@ def make_eval_step(model: nn.Module, *, mean: float, std: float) -> Callable:
     mask = batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return {
-        "loss": (loss * mask).sum(),
-        "correct": ((logits.argmax(-1) == batch["labels"]) * mask).sum(),
-        "count": mask.sum(),
+      "loss": (loss * mask).sum(),
+      "correct": ((logits.argmax(-1) == batch["labels"]) * mask).sum(),
+      "count": mask.sum(),
     }
 
   return eval_step

@@ -66,7 +66,7 @@ class Experiment:
 
 
 def build_experiment(
-    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Experiment:
   """Validates `config` and builds its mesh, data, model and jitted steps; writes nothing.
 
@@ -75,87 +75,87 @@ def build_experiment(
   mesh = partitioning.create_mesh(config.mesh, devices)
   data_parallel = partitioning.data_parallel_size(mesh)
   input_pipeline.per_process_batch_size(
-      config.train.global_batch_size, data_parallel, "config.train.global_batch_size"
+    config.train.global_batch_size, data_parallel, "config.train.global_batch_size"
   )
   input_pipeline.per_process_batch_size(
-      config.eval.global_batch_size, data_parallel, "config.eval.global_batch_size"
+    config.eval.global_batch_size, data_parallel, "config.eval.global_batch_size"
   )
   _validate_loop_config(config, data_parallel)
   dataset = load_dataset(config.data)
   try:
     model = models.get_model(
-        config.model.name,
-        num_classes=dataset.num_classes,
-        dtype=config.model.dtype,
-        dropout_rate=config.model.dropout_rate,
+      config.model.name,
+      num_classes=dataset.num_classes,
+      dtype=config.model.dtype,
+      dropout_rate=config.model.dropout_rate,
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
   optimizer = create_optimizer(config.optim, config.train.num_steps)
 
   init = functools.partial(
-      init_train_state,
-      model,
-      optimizer.tx,
-      input_shape=dataset.input_shape,
-      use_ema=config.optim.ema_decay > 0,
+    init_train_state,
+    model,
+    optimizer.tx,
+    input_shape=dataset.input_shape,
+    use_ema=config.optim.ema_decay > 0,
   )
   rng = jax.random.PRNGKey(config.seed)
   boxed_abstract = jax.eval_shape(lambda key: init(rng=key), rng)
   state_shardings = partitioning.logical_to_shardings(
-      boxed_abstract, mesh, config.mesh.logical_axis_rules
+    boxed_abstract, mesh, config.mesh.logical_axis_rules
   )
   abstract_state = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      nn.meta.unbox(boxed_abstract),
-      state_shardings,
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    nn.meta.unbox(boxed_abstract),
+    state_shardings,
   )
   replicated = partitioning.replicated(mesh)
   batch_sharding = partitioning.batch_sharding(mesh)
   train_step = steps.make_train_step(
-      model,
-      optimizer.tx,
-      optimizer.schedule,
-      mean=dataset.mean,
-      std=dataset.std,
-      grad_accum_steps=config.optim.grad_accum_steps,
-      ema_decay=config.optim.ema_decay,
+    model,
+    optimizer.tx,
+    optimizer.schedule,
+    mean=dataset.mean,
+    std=dataset.std,
+    grad_accum_steps=config.optim.grad_accum_steps,
+    ema_decay=config.optim.ema_decay,
   )
   eval_step = steps.make_eval_step(model, mean=dataset.mean, std=dataset.std)
   return Experiment(
-      config=config,
-      mesh=mesh,
-      dataset=dataset,
-      model=model,
-      optimizer=optimizer,
-      abstract_state=abstract_state,
-      state_shardings=state_shardings,
-      batch_sharding=batch_sharding,
-      init_state=jax.jit(
-          lambda key: nn.meta.unbox(init(rng=key)),
-          in_shardings=replicated,
-          out_shardings=state_shardings,
-      ),
-      train_step=jax.jit(
-          train_step,
-          in_shardings=(state_shardings, batch_sharding),
-          out_shardings=(state_shardings, replicated),
-          donate_argnums=(0,),
-      ),
-      eval_step=jax.jit(
-          eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
-      ),
+    config=config,
+    mesh=mesh,
+    dataset=dataset,
+    model=model,
+    optimizer=optimizer,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+    init_state=jax.jit(
+      lambda key: nn.meta.unbox(init(rng=key)),
+      in_shardings=replicated,
+      out_shardings=state_shardings,
+    ),
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+    ),
+    eval_step=jax.jit(
+      eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+    ),
   )
 
 
 def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int) -> None:
   positive = {
-      "config.train.num_steps": config.train.num_steps,
-      "config.train.log_every_steps": config.train.log_every_steps,
-      "config.eval.every_steps": config.eval.every_steps,
-      "config.checkpoint.every_steps": config.checkpoint.every_steps,
-      "config.checkpoint.keep_last": config.checkpoint.keep_last,
-      "config.optim.grad_accum_steps": config.optim.grad_accum_steps,
+    "config.train.num_steps": config.train.num_steps,
+    "config.train.log_every_steps": config.train.log_every_steps,
+    "config.eval.every_steps": config.eval.every_steps,
+    "config.checkpoint.every_steps": config.checkpoint.every_steps,
+    "config.checkpoint.keep_last": config.checkpoint.keep_last,
+    "config.optim.grad_accum_steps": config.optim.grad_accum_steps,
   }
   for name, value in positive.items():
     if value < 1:
@@ -163,13 +163,13 @@ def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int)
   local_rows = config.train.global_batch_size // data_parallel
   if local_rows % config.optim.grad_accum_steps:
     raise ConfigError(
-        f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the "
-        f"{local_rows} rows each data-parallel device gets per step (global batch "
-        f"{config.train.global_batch_size} / data-parallel size {data_parallel})"
+      f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the "
+      f"{local_rows} rows each data-parallel device gets per step (global batch "
+      f"{config.train.global_batch_size} / data-parallel size {data_parallel})"
     )
   if config.eval.best_metric not in EVAL_METRICS:
     raise ConfigError(
-        f"config.eval.best_metric={config.eval.best_metric!r}; choose one of {EVAL_METRICS}"
+      f"config.eval.best_metric={config.eval.best_metric!r}; choose one of {EVAL_METRICS}"
     )
   if config.eval.best_mode not in ("max", "min"):
     raise ConfigError(f"config.eval.best_mode={config.eval.best_mode!r}; choose 'max' or 'min'")
@@ -178,9 +178,9 @@ def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int)
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    devices: Sequence[jax.Device] | None = None,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices: Sequence[jax.Device] | None = None,
 ) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -195,14 +195,14 @@ def train_and_evaluate(
 
   os.makedirs(workdir, exist_ok=True)
   checkpointer = (
-      checkpointing.Checkpointer(
-          workdir,
-          config.checkpoint,
-          best_metric=f"eval/{config.eval.best_metric}",
-          best_mode=config.eval.best_mode,
-      )
-      if config.checkpoint.enabled
-      else None
+    checkpointing.Checkpointer(
+      workdir,
+      config.checkpoint,
+      best_metric=f"eval/{config.eval.best_metric}",
+      best_mode=config.eval.best_mode,
+    )
+    if config.checkpoint.enabled
+    else None
   )
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
   try:
@@ -210,10 +210,10 @@ def train_and_evaluate(
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
       manifest.write_manifest(
-          workdir,
-          manifest.build_manifest(
-              config, experiment.mesh, experiment.dataset.fingerprint, start_step
-          ),
+        workdir,
+        manifest.build_manifest(
+          config, experiment.mesh, experiment.dataset.fingerprint, start_step
+        ),
       )
     writer.write_config(config, [f"eval/{name}" for name in EVAL_METRICS])
     return _train_loop(experiment, workdir, state, data_iterator, checkpointer, writer)
@@ -224,17 +224,17 @@ def train_and_evaluate(
 
 
 def _initial_state(
-    experiment: Experiment, checkpointer: checkpointing.Checkpointer | None
+  experiment: Experiment, checkpointer: checkpointing.Checkpointer | None
 ) -> tuple[TrainState, object]:
   config = experiment.config
   data_iterator = input_pipeline.train_iterator(
-      experiment.dataset,
-      global_batch_size=config.train.global_batch_size,
-      seed=config.seed,
-      shuffle=config.data.shuffle,
-      worker_threads=config.data.worker_threads,
-      prefetch_batches=config.data.prefetch_batches,
-      sharding=experiment.batch_sharding,
+    experiment.dataset,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    shuffle=config.data.shuffle,
+    worker_threads=config.data.worker_threads,
+    prefetch_batches=config.data.prefetch_batches,
+    sharding=experiment.batch_sharding,
   )
   latest = checkpointer.latest_step() if checkpointer else None
   if latest is not None:
@@ -250,15 +250,18 @@ def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
   """Loss and accuracy over the whole eval split (every example exactly once)."""
   totals = None
   for batch in input_pipeline.eval_batches(
-      experiment.dataset.eval,
-      global_batch_size=experiment.config.eval.global_batch_size,
-      sharding=experiment.batch_sharding,
+    experiment.dataset.eval,
+    global_batch_size=experiment.config.eval.global_batch_size,
+    sharding=experiment.batch_sharding,
   ):
     sums = experiment.eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals["count"]), 1.0)
-  return {"eval/loss": float(totals["loss"]) / count, "eval/accuracy": float(totals["correct"]) / count}
+  return {
+    "eval/loss": float(totals["loss"]) / count,
+    "eval/accuracy": float(totals["correct"]) / count,
+  }
 
 
 class _EarlyStopping:
@@ -282,12 +285,12 @@ class _EarlyStopping:
 
 
 def _train_loop(
-    experiment: Experiment,
-    workdir: str,
-    state: TrainState,
-    data_iterator,
-    checkpointer: checkpointing.Checkpointer | None,
-    writer: MetricWriter,
+  experiment: Experiment,
+  workdir: str,
+  state: TrainState,
+  data_iterator,
+  checkpointer: checkpointing.Checkpointer | None,
+  writer: MetricWriter,
 ) -> TrainResult:
   config = experiment.config
   num_steps = config.train.num_steps
@@ -319,8 +322,8 @@ def _train_loop(
         train_metrics = step_metrics.summarize()
         rate = progress.steps_per_sec(step)
         perf = {
-            "perf/steps_per_sec": rate,
-            "perf/examples_per_sec": rate * config.train.global_batch_size,
+          "perf/steps_per_sec": rate,
+          "perf/examples_per_sec": rate * config.train.global_batch_size,
         }
         logged_losses[step] = train_metrics["train/loss"]
         writer.write_scalars(step, {**train_metrics, **perf})
@@ -335,26 +338,26 @@ def _train_loop(
         evaluated = True
         writer.write_scalars(step, eval_metrics)
         logging.info(
-            "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+          "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
         )
         stopped_early = early_stopping.should_stop(eval_metrics)
         if stopped_early:
           logging.info(
-              "Early stopping at step %d: %s did not improve for %d evals.",
-              step, early_stopping.metric, early_stopping.evals_without_improvement,
+            "Early stopping at step %d: %s did not improve for %d evals.",
+            step,
+            early_stopping.metric,
+            early_stopping.evals_without_improvement,
           )
 
       preempted = preemption.requested
       stop = is_last or stopped_early or preempted
       if checkpointer and (
-          step % config.checkpoint.every_steps == 0
-          or stop
-          or (evaluated and config.checkpoint.keep_best > 0)
+        step % config.checkpoint.every_steps == 0
+        or stop
+        or (evaluated and config.checkpoint.keep_best > 0)
       ):
         step_metrics.check_finite()  # A non-finite state is never checkpointed.
-        checkpointer.save(
-            state, data_iterator, config, metrics=eval_metrics if evaluated else None
-        )
+        checkpointer.save(state, data_iterator, config, metrics=eval_metrics if evaluated else None)
       if stop:
         break
 
@@ -369,13 +372,13 @@ def _train_loop(
   if preempted:
     logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
   return TrainResult(
-      workdir=os.path.abspath(workdir),
-      step=step,
-      train_metrics=train_metrics,
-      logged_losses=logged_losses,
-      eval_metrics=eval_metrics,
-      best_checkpoint_step=checkpointer.best_step() if checkpointer else None,
-      steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
-      preempted=preempted,
-      stopped_early=stopped_early,
+    workdir=os.path.abspath(workdir),
+    step=step,
+    train_metrics=train_metrics,
+    logged_losses=logged_losses,
+    eval_metrics=eval_metrics,
+    best_checkpoint_step=checkpointer.best_step() if checkpointer else None,
+    steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
+    preempted=preempted,
+    stopped_early=stopped_early,
   )

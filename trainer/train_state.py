@@ -28,12 +28,12 @@ class TrainState:
 
 
 def init_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    *,
-    rng: jax.Array,
-    input_shape: tuple[int, ...],
-    use_ema: bool,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  *,
+  rng: jax.Array,
+  input_shape: tuple[int, ...],
+  use_ema: bool,
 ) -> TrainState:
   """Initializes a state whose leaves stay boxed in `nn.Partitioned` (for sharding lookups).
 
@@ -45,10 +45,10 @@ def init_train_state(
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      model_state=variables,
-      ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
-      rng=step_rng,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    model_state=variables,
+    ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+    rng=step_rng,
   )

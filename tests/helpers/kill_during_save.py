@@ -15,7 +15,9 @@ from configs import digits_cnn
 from trainer import checkpointing, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-_KILL_STEP = flags.DEFINE_integer("kill_step", None, "Step whose save is interrupted.", required=True)
+_KILL_STEP = flags.DEFINE_integer(
+  "kill_step", None, "Step whose save is interrupted.", required=True
+)
 _OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON {dotted.key: value} config overrides.")
 
 
