@@ -33,6 +33,13 @@ def test_digits_reaches_97_percent(tmp_path, one_device):
   assert result.eval_metrics["eval/accuracy"] >= 0.97, result.eval_metrics
 
 
+def test_default_make_run_config_reaches_98_percent(tmp_path, one_device):
+  # Exactly what `make run` trains (on a CPU machine, one device).
+  result = train.train_and_evaluate(digits_cnn.get_config(), str(tmp_path), devices=one_device)
+  assert result.step == 1500
+  assert result.eval_metrics["eval/accuracy"] >= 0.98, result.eval_metrics
+
+
 def test_metrics_tensorboard_and_manifest(smoke_config, tmp_path):
   result = train.train_and_evaluate(smoke_config, str(tmp_path))
   events = _event_tags(str(tmp_path / "tensorboard"))
