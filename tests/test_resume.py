@@ -41,7 +41,7 @@ def _final_params(config, workdir):
     sharding=experiment.batch_sharding,
   )
   step = checkpointer.latest_step()
-  state = checkpointer.restore(step, experiment.abstract_state, iterator)
+  state, _ = checkpointer.restore(step, experiment.abstract_state, iterator)
   checkpointer.close()
   return step, jax.device_get(state), iterator.get_state()
 

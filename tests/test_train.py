@@ -128,3 +128,16 @@ def test_training_never_imports_tensorflow(tmp_path):
     [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_early_stopping_patience_carries_across_resume(smoke_config, tmp_path):
+  smoke_config.optim.learning_rate = 0.0  # Nothing improves after the first eval.
+  smoke_config.eval.update(
+    every_steps=5, early_stopping_patience=3, best_metric="loss", best_mode="min"
+  )
+  smoke_config.train.num_steps = 10  # Evals at 5 (best) and 10 (one without improvement).
+  assert not train.train_and_evaluate(smoke_config, str(tmp_path)).stopped_early
+  smoke_config.train.num_steps = 200
+  result = train.train_and_evaluate(smoke_config, str(tmp_path))
+  # Two more evals without improvement (15, 20) exhaust the patience of 3 carried over.
+  assert result.stopped_early and result.step == 20

@@ -84,6 +84,7 @@ class Checkpointer:
     data_iterator: grain.DatasetIterator,
     config: ml_collections.ConfigDict,
     metrics: dict[str, float] | None = None,
+    loop_state: dict | None = None,
   ) -> None:
     """Starts saving at `state.step`; returns once the arrays are copied off the device."""
     step = int(jax.device_get(state.step))
@@ -93,6 +94,7 @@ class Checkpointer:
         state=ocp.args.StandardSave(serialization.to_state_dict(state)),
         data_iter=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        loop_state=ocp.args.JsonSave(loop_state or {}),
       ),
       metrics=metrics,
       force=True,
@@ -103,16 +105,21 @@ class Checkpointer:
     step: int,
     abstract_state: TrainState,
     data_iterator: grain.DatasetIterator,
-  ) -> TrainState:
-    """Restores `step` onto the shardings in `abstract_state` (any mesh, any process count)."""
+  ) -> tuple[TrainState, dict]:
+    """Restores `step` onto the shardings in `abstract_state` (any mesh, any process count).
+
+    Returns the state and the loop's own state (e.g. early stopping) saved with it.
+    """
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
         data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
+        loop_state=ocp.args.JsonRestore(),
       ),
     )
-    return serialization.from_state_dict(abstract_state, restored["state"])
+    state = serialization.from_state_dict(abstract_state, restored["state"])
+    return state, restored["loop_state"]
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -155,6 +162,7 @@ def _manager(directory: str, *, read_only: bool, async_save: bool = False, **opt
     "state": ocp.StandardCheckpointHandler(),
     "data_iter": grain.checkpoint.CheckpointHandler(),
     "config": ocp.JsonCheckpointHandler(),
+    "loop_state": ocp.JsonCheckpointHandler(),
   }
   return ocp.CheckpointManager(
     directory,

@@ -206,7 +206,7 @@ def train_and_evaluate(
   )
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
   try:
-    state, data_iterator = _initial_state(experiment, checkpointer)
+    state, data_iterator, loop_state = _initial_state(experiment, checkpointer)
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
       manifest.write_manifest(
@@ -216,7 +216,9 @@ def train_and_evaluate(
         ),
       )
     writer.write_config(config, [f"eval/{name}" for name in EVAL_METRICS])
-    return _train_loop(experiment, workdir, state, data_iterator, checkpointer, writer)
+    loop = _TrainLoop(experiment, checkpointer, writer, start_step, loop_state)
+    result = loop.run(state, data_iterator)
+    return dataclasses.replace(result, workdir=os.path.abspath(workdir))
   finally:
     if checkpointer:
       checkpointer.close()  # Waits for in-flight saves.
@@ -225,7 +227,8 @@ def train_and_evaluate(
 
 def _initial_state(
   experiment: Experiment, checkpointer: checkpointing.Checkpointer | None
-) -> tuple[TrainState, object]:
+) -> tuple[TrainState, object, dict | None]:
+  """The state to start from: restored from the latest checkpoint, or freshly initialized."""
   config = experiment.config
   data_iterator = input_pipeline.train_iterator(
     experiment.dataset,
@@ -239,11 +242,11 @@ def _initial_state(
   latest = checkpointer.latest_step() if checkpointer else None
   if latest is not None:
     logging.info("Resuming from the checkpoint at step %d.", latest)
-    state = checkpointer.restore(latest, experiment.abstract_state, data_iterator)
+    state, loop_state = checkpointer.restore(latest, experiment.abstract_state, data_iterator)
   else:
-    state = experiment.init_state(jax.random.PRNGKey(config.seed))
+    state, loop_state = experiment.init_state(jax.random.PRNGKey(config.seed)), None
   partitioning.check_sharding(state, experiment.state_shardings)
-  return state, data_iterator
+  return state, data_iterator, loop_state
 
 
 def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
@@ -265,14 +268,17 @@ def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
 
 
 class _EarlyStopping:
-  """Counts evals without an improvement of the best metric by at least min_delta."""
+  """Counts evals without an improvement of the best metric by at least min_delta.
+
+  Its state travels in checkpoints, so patience carries across a resume.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.metric = f"eval/{config.best_metric}"
     self.sign = 1.0 if config.best_mode == "max" else -1.0
     self.patience = config.early_stopping_patience
     self.min_delta = config.early_stopping_min_delta
-    self.best = None
+    self.best: float | None = None
     self.evals_without_improvement = 0
 
   def should_stop(self, eval_metrics: dict[str, float]) -> bool:
@@ -283,102 +289,133 @@ class _EarlyStopping:
       self.evals_without_improvement += 1
     return 0 < self.patience <= self.evals_without_improvement
 
+  def state_dict(self) -> dict:
+    return {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
 
-def _train_loop(
-  experiment: Experiment,
-  workdir: str,
-  state: TrainState,
-  data_iterator,
-  checkpointer: checkpointing.Checkpointer | None,
-  writer: MetricWriter,
-) -> TrainResult:
-  config = experiment.config
-  num_steps = config.train.num_steps
-  step = int(jax.device_get(state.step))
-  start_step = step
-  step_metrics = StepMetrics()
-  progress = ProgressLogger(num_steps, step)
-  early_stopping = _EarlyStopping(config.eval)
-  train_metrics: dict[str, float] = {}
-  logged_losses: dict[int, float] = {}
-  eval_metrics: dict[str, float] = {}
-  stopped_early = preempted = False
-  loop_start = time.perf_counter()
-  eval_seconds = 0.0
+  def load_state_dict(self, state: dict) -> None:
+    self.best = state["best"]
+    self.evals_without_improvement = state["evals_without_improvement"]
 
-  with PreemptionWatcher() as preemption:
-    while step < num_steps:
-      state, metrics = experiment.train_step(state, next(data_iterator))
-      step += 1
-      step_metrics.append(step, metrics)
-      if step == start_step + 1:
-        # The first step compiled; time the steady state from here.
-        jax.block_until_ready(metrics)
-        loop_start, eval_seconds = time.perf_counter(), 0.0
-        progress.steps_per_sec(step)
 
-      is_last = step == num_steps
-      if step % config.train.log_every_steps == 0 or is_last:
-        train_metrics = step_metrics.summarize()
-        rate = progress.steps_per_sec(step)
-        perf = {
-          "perf/steps_per_sec": rate,
-          "perf/examples_per_sec": rate * config.train.global_batch_size,
-        }
-        logged_losses[step] = train_metrics["train/loss"]
-        writer.write_scalars(step, {**train_metrics, **perf})
-        progress.log(step, train_metrics["train/loss"], rate)
+class _TrainLoop:
+  """Runs steps until the end, preemption or early stopping, with logging, eval and saves."""
 
-      evaluated = False
-      if step % config.eval.every_steps == 0 or is_last:
-        step_metrics.check_finite()
-        eval_start = time.perf_counter()
-        eval_metrics = evaluate(experiment, state)
-        eval_seconds += time.perf_counter() - eval_start
-        evaluated = True
-        writer.write_scalars(step, eval_metrics)
-        logging.info(
-          "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-        )
-        stopped_early = early_stopping.should_stop(eval_metrics)
-        if stopped_early:
-          logging.info(
-            "Early stopping at step %d: %s did not improve for %d evals.",
-            step,
-            early_stopping.metric,
-            early_stopping.evals_without_improvement,
-          )
+  def __init__(
+    self,
+    experiment: Experiment,
+    checkpointer: checkpointing.Checkpointer | None,
+    writer: MetricWriter,
+    start_step: int,
+    loop_state: dict | None,
+  ):
+    self.experiment = experiment
+    self.config = experiment.config
+    self.checkpointer = checkpointer
+    self.writer = writer
+    self.start_step = start_step
+    self.step_metrics = StepMetrics()
+    self.progress = ProgressLogger(self.config.train.num_steps, start_step)
+    self.early_stopping = _EarlyStopping(self.config.eval)
+    if loop_state:
+      self.early_stopping.load_state_dict(loop_state["early_stopping"])
+    self.train_metrics: dict[str, float] = {}
+    self.logged_losses: dict[int, float] = {}
+    self.eval_metrics: dict[str, float] = {}
+    self.eval_seconds = 0.0
 
-      preempted = preemption.requested
-      stop = is_last or stopped_early or preempted
-      if checkpointer and (
-        step % config.checkpoint.every_steps == 0
-        or stop
-        or (evaluated and config.checkpoint.keep_best > 0)
-      ):
-        step_metrics.check_finite()  # A non-finite state is never checkpointed.
-        checkpointer.save(state, data_iterator, config, metrics=eval_metrics if evaluated else None)
-      if stop:
-        break
+  def run(self, state: TrainState, data_iterator) -> TrainResult:
+    num_steps = self.config.train.num_steps
+    step = self.start_step
+    loop_start = time.perf_counter()
+    stopped_early = preempted = False
+    with PreemptionWatcher() as preemption:
+      while step < num_steps:
+        state, metrics = self.experiment.train_step(state, next(data_iterator))
+        step += 1
+        self.step_metrics.append(step, metrics)
+        if step == self.start_step + 1:
+          # The first step compiled; time the steady state from here.
+          jax.block_until_ready(metrics)
+          loop_start, self.eval_seconds = time.perf_counter(), 0.0
+          self.progress.steps_per_sec(step)
 
-  jax.block_until_ready(state)
-  seconds = time.perf_counter() - loop_start - eval_seconds
-  steps_timed = step - start_step - 1
-  if checkpointer:
-    checkpointer.wait_until_finished()
-  if not eval_metrics:  # The workdir's run had already finished: report its final state.
-    eval_metrics = evaluate(experiment, state)
-  writer.flush()
-  if preempted:
-    logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
-  return TrainResult(
-    workdir=os.path.abspath(workdir),
-    step=step,
-    train_metrics=train_metrics,
-    logged_losses=logged_losses,
-    eval_metrics=eval_metrics,
-    best_checkpoint_step=checkpointer.best_step() if checkpointer else None,
-    steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
-    preempted=preempted,
-    stopped_early=stopped_early,
-  )
+        is_last = step == num_steps
+        if step % self.config.train.log_every_steps == 0 or is_last:
+          self._log_train(step)
+        evaluated = step % self.config.eval.every_steps == 0 or is_last
+        if evaluated:
+          stopped_early = self._evaluate(step, state)
+        preempted = preemption.requested
+        stop = is_last or stopped_early or preempted
+        if stop or evaluated or step % self.config.checkpoint.every_steps == 0:
+          self._maybe_save(step, state, data_iterator, evaluated=evaluated, force=stop)
+        if stop:
+          break
+
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - loop_start - self.eval_seconds
+    steps_timed = step - self.start_step - 1
+    if self.checkpointer:
+      self.checkpointer.wait_until_finished()
+    if not self.eval_metrics:  # The workdir's run had already finished: report its final state.
+      self.eval_metrics = evaluate(self.experiment, state)
+    self.writer.flush()
+    if preempted:
+      logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
+    return TrainResult(
+      workdir="",
+      step=step,
+      train_metrics=self.train_metrics,
+      logged_losses=self.logged_losses,
+      eval_metrics=self.eval_metrics,
+      best_checkpoint_step=self.checkpointer.best_step() if self.checkpointer else None,
+      steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
+      preempted=preempted,
+      stopped_early=stopped_early,
+    )
+
+  def _log_train(self, step: int) -> None:
+    self.train_metrics = self.step_metrics.summarize()
+    rate = self.progress.steps_per_sec(step)
+    perf = {
+      "perf/steps_per_sec": rate,
+      "perf/examples_per_sec": rate * self.config.train.global_batch_size,
+    }
+    self.logged_losses[step] = self.train_metrics["train/loss"]
+    self.writer.write_scalars(step, {**self.train_metrics, **perf})
+    self.progress.log(step, self.train_metrics["train/loss"], rate)
+
+  def _evaluate(self, step: int, state: TrainState) -> bool:
+    """Evaluates and logs; returns whether early stopping says to stop."""
+    self.step_metrics.check_finite()
+    eval_start = time.perf_counter()
+    self.eval_metrics = evaluate(self.experiment, state)
+    self.eval_seconds += time.perf_counter() - eval_start
+    self.writer.write_scalars(step, self.eval_metrics)
+    logging.info(
+      "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in self.eval_metrics.items())
+    )
+    stop = self.early_stopping.should_stop(self.eval_metrics)
+    if stop:
+      logging.info(
+        "Early stopping at step %d: %s did not improve for %d evals.",
+        step,
+        self.early_stopping.metric,
+        self.early_stopping.evals_without_improvement,
+      )
+    return stop
+
+  def _maybe_save(self, step: int, state, data_iterator, *, evaluated: bool, force: bool) -> None:
+    """Saves on the checkpoint interval, at evals when keeping the best, and when forced."""
+    checkpoint = self.config.checkpoint
+    due = step % checkpoint.every_steps == 0 or (evaluated and checkpoint.keep_best > 0)
+    if not self.checkpointer or not (due or force):
+      return
+    self.step_metrics.check_finite()  # A non-finite state is never checkpointed.
+    self.checkpointer.save(
+      state,
+      data_iterator,
+      self.config,
+      metrics=self.eval_metrics if evaluated else None,
+      loop_state={"early_stopping": self.early_stopping.state_dict()},
+    )
