@@ -12,10 +12,16 @@ from ml_collections import config_dict
 
 # Logical parameter/activation axis names -> mesh axes. `batch` is split over both data-parallel
 # axes (`data` replicates parameters, `fsdp` shards them); `tensor` splits hidden widths.
+# Rules apply in order; a mesh axis is used at most once per array, so activations whose batch
+# already takes `fsdp` keep their `embed` dimension whole.
 DEFAULT_LOGICAL_AXIS_RULES = (
   ("batch", ("data", "fsdp")),
   ("embed", "fsdp"),
   ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("kv", None),
+  ("length", None),
   ("conv_in", None),
   ("conv_out", "tensor"),
   ("classes", None),
@@ -28,7 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # digits | synthetic | npz | array_record
+  # digits | synthetic | npz | array_record (classification), text (language models)
   config.data.name = "digits"
   # npz / array_record: a file path or glob for each split.
   config.data.train_path = ""
@@ -49,6 +55,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.synthetic_num_classes = 10
   config.data.synthetic_train_examples = 4096
   config.data.synthetic_eval_examples = 512
+  # text (language models): a path or glob of text files or ArrayRecord files of token ids;
+  # empty means the Python standard library's source files.
+  config.data.files = ""
+  # text: tokens per packed row, bytes to read at most (0: all), and every how many documents
+  # one is held out for eval.
+  config.data.seq_len = 256
+  config.data.max_bytes = 0
+  config.data.eval_every_documents = 50
   config.data.shuffle = True
   # Host threads that read and batch, and how many batches they keep ready.
   config.data.worker_threads = 2
@@ -60,6 +74,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Compute dtype (float32 | bfloat16); parameters are always float32.
   config.model.dtype = "float32"
   config.model.dropout_rate = 0.0
+  # Rematerialization of transformer blocks: none | full | dots_saveable.
+  config.model.remat = "none"
 
   config.optim = ml_collections.ConfigDict()
   # adamw | adam | sgd | lamb
@@ -102,6 +118,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.every_steps = 200
   # Global eval batch; the last batch is padded and masked, so every example counts once.
   config.eval.global_batch_size = 128
+  # Evaluate on at most this many batches (the same ones every time); 0 means the whole split.
+  config.eval.max_batches = 0
   # The metric that picks the best checkpoints and drives early stopping.
   config.eval.best_metric = "accuracy"
   # max | min
@@ -118,6 +136,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint.keep_best = 1
   # Save in a background thread; the loop only waits for the device-to-host copy.
   config.checkpoint.async_save = True
+  config.perf = ml_collections.ConfigDict()
+  # Peak dense TFLOP/s of one device for perf/mfu; 0 looks the device up in trainer/perf.py
+  # (known GPUs and TPUs). Set it for anything else, e.g. a CPU.
+  config.perf.peak_tflops = 0.0
   return config
 
 

@@ -73,6 +73,9 @@ class Dataset:
   std: float
   # Identifies the data read, for the run manifest.
   fingerprint: str
+  # classification: {"inputs", "labels"} examples, num_classes labels.
+  # language_model: packed token rows (see text_data), num_classes = vocabulary size.
+  kind: str = "classification"
 
 
 def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> None:
@@ -90,7 +93,10 @@ def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> Non
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Opens the dataset `config.data.name`; raises ConfigError for unknown names or bad paths."""
+  from trainer import text_data  # The LM's sources live beside their tokenizer.
+
   loaders = {
+    "text": text_data.load_text_dataset,
     "digits": _load_digits,
     "synthetic": _load_synthetic,
     "npz": _load_npz,

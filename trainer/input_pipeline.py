@@ -75,15 +75,19 @@ def eval_batches(
   *,
   global_batch_size: int,
   sharding: jax.sharding.NamedSharding,
+  max_batches: int = 0,
 ) -> Iterator[dict[str, jax.Array]]:
   """One pass over `source`, every example exactly once; padding rows carry `mask` 0.
 
   Every process yields the same number of batches (collectives need it), padding its last ones.
+  `max_batches` > 0 stops after that many batches (a fixed subset, the same at every eval).
   """
   local_batch = global_batch_size // jax.process_count()
   ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
   largest_shard = math.ceil(len(source) / jax.process_count())
   num_batches = math.ceil(largest_shard / local_batch)
+  if max_batches > 0:
+    num_batches = min(num_batches, max_batches)
   batches = ds.batch(local_batch, drop_remainder=False).to_iter_dataset(
     grain.ReadOptions(num_threads=0)
   )
@@ -97,7 +101,7 @@ def _pad_batch(batch: dict | None, size: int, source) -> dict[str, np.ndarray]:
   if batch is None:  # This process ran out of examples before the others.
     example = source[0]
     batch = {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
-  num_real = len(batch["labels"])
+  num_real = len(next(iter(batch.values())))
   padded = {
     k: np.concatenate([v, np.zeros((size - num_real, *v.shape[1:]), v.dtype)])
     for k, v in batch.items()

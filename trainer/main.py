@@ -58,11 +58,12 @@ def main(argv: list[str]) -> None:
 
 def _print_summary(result: train.TrainResult) -> None:
   status = "preempted" if result.preempted else "stopped early" if result.stopped_early else "done"
-  accuracy = result.eval_metrics.get("eval/accuracy")
-  lines = [
-    f"training {status} at step {result.step}",
-    f"test accuracy: {accuracy:.4f}" if accuracy is not None else "test accuracy: n/a",
-    f"test loss: {result.eval_metrics.get('eval/loss', float('nan')):.4f}",
+  lines = [f"training {status} at step {result.step}"]
+  lines += [
+    f"test {name.removeprefix('eval/')}: {value:.4f}"
+    for name, value in sorted(result.eval_metrics.items())
+  ]
+  lines += [
     f"best checkpoint step: {result.best_checkpoint_step}",
     f"workdir: {result.workdir}",
     f"tensorboard --logdir {result.workdir}/tensorboard",

@@ -1,4 +1,4 @@
-"""Pure train and eval steps for classifiers: `train_step(state, batch) -> (state, metrics)`."""
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`."""
 
 from __future__ import annotations
 
@@ -9,72 +9,70 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trainer.tasks import Task
 from trainer.train_state import TrainState
-
-
-def normalize(inputs: jax.Array, mean: float, std: float) -> jax.Array:
-  """The preprocessing training applies; the export runs this same function."""
-  return (inputs.astype(jnp.float32) - mean) / std
 
 
 def make_train_step(
   model: nn.Module,
+  task: Task,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   *,
-  mean: float,
-  std: float,
   grad_accum_steps: int,
   ema_decay: float,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   def loss_fn(params, model_state, batch, rng):
-    variables = {"params": params, **model_state}
-    logits, new_model_state = model.apply(
-      variables,
-      normalize(batch["inputs"], mean, std),
+    args, kwargs = task.model_inputs(batch)
+    outputs, new_model_state = model.apply(
+      {"params": params, **model_state},
+      *args,
       train=True,
       rngs={"dropout": rng},
       mutable=list(model_state),
+      **kwargs,
     )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-    accuracy = (logits.argmax(-1) == batch["labels"]).mean()
-    return loss, (new_model_state, accuracy)
+    sums = task.sums(outputs, batch)
+    return sums["loss"], (new_model_state, sums)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def accumulate_grads(state: TrainState, batch: dict, rng: jax.Array):
-    """Mean gradient over `grad_accum_steps` micro-batches, scanned to bound memory."""
+  def summed_grads(state: TrainState, batch: dict, rng: jax.Array):
+    """Gradient of the loss *sum* and the task's sums, over `grad_accum_steps` micro-batches."""
     if grad_accum_steps == 1:
-      (loss, (model_state, accuracy)), grads = grad_fn(state.params, state.model_state, batch, rng)
-      return loss, accuracy, model_state, grads
+      grads, (model_state, sums) = grad_fn(state.params, state.model_state, batch, rng)
+      return grads, model_state, sums
 
     # Micro-batch j takes rows j, j+k, j+2k, ...: every device keeps its own rows, no resharding.
     def split(x):  # (batch, ...) -> (k, batch / k, ...)
       return jnp.swapaxes(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 0, 1)
 
-    micro_batches = jax.tree.map(split, batch)
-
     def micro_step(carry, micro_batch_and_index):
-      model_state, grad_sum, loss_sum, accuracy_sum = carry
+      model_state, grad_sum, sums_total = carry
       micro_batch, index = micro_batch_and_index
-      (loss, (model_state, accuracy)), grads = grad_fn(
+      grads, (model_state, sums) = grad_fn(
         state.params, model_state, micro_batch, jax.random.fold_in(rng, index)
       )
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return (model_state, grad_sum, loss_sum + loss, accuracy_sum + accuracy), None
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+      return (model_state, add(grad_sum, grads), add(sums_total, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (state.model_state, zeros, jnp.zeros(()), jnp.zeros(()))
-    (model_state, grad_sum, loss_sum, accuracy_sum), _ = jax.lax.scan(
+    micro_batches = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    sums_shape = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, first, rng)[1][1])
+    init = (
+      state.model_state,
+      jax.tree.map(jnp.zeros_like, state.params),
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+    )
+    (model_state, grads, sums), _ = jax.lax.scan(
       micro_step, init, (micro_batches, jnp.arange(grad_accum_steps))
     )
-    scale = 1.0 / grad_accum_steps
-    grads = jax.tree.map(lambda g: g * scale, grad_sum)
-    return loss_sum * scale, accuracy_sum * scale, model_state, grads
+    return grads, model_state, sums
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, accuracy, model_state, grads = accumulate_grads(state, batch, rng)
+    grads, model_state, sums = summed_grads(state, batch, rng)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -87,31 +85,27 @@ def make_train_step(
       model_state=model_state,
       ema_params=ema_params,
     )
-    metrics = {
-      "train/loss": loss,
-      "train/accuracy": accuracy,
-      "train/grad_norm": optax.tree.norm(grads),
-      "train/param_norm": optax.tree.norm(params),
-      "train/update_norm": optax.tree.norm(updates),
-      "train/learning_rate": schedule(state.step),
-    }
+    metrics = {f"train/{k}": v for k, v in task.metrics(sums).items()}
+    metrics.update(
+      {
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/param_norm": optax.tree.norm(params),
+        "train/update_norm": optax.tree.norm(updates),
+        "train/learning_rate": schedule(state.step),
+      }
+    )
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: nn.Module, *, mean: float, std: float) -> Callable:
-  """`eval_step(state, batch) -> sums`: masked sums, so padded rows never count."""
+def make_eval_step(model: nn.Module, task: Task) -> Callable[[TrainState, dict], dict]:
+  """`eval_step(state, batch) -> sums`; padded rows carry `mask` 0 and never count."""
 
   def eval_step(state: TrainState, batch: dict) -> dict:
+    args, kwargs = task.model_inputs(batch)
     variables = {"params": state.eval_params(), **state.model_state}
-    logits = model.apply(variables, normalize(batch["inputs"], mean, std), train=False)
-    mask = batch["mask"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    return {
-      "loss": (loss * mask).sum(),
-      "correct": ((logits.argmax(-1) == batch["labels"]) * mask).sum(),
-      "count": mask.sum(),
-    }
+    outputs = model.apply(variables, *args, train=False, **kwargs)
+    return task.sums(outputs, batch)
 
   return eval_step

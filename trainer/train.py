@@ -15,20 +15,19 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from trainer import checkpointing, input_pipeline, manifest, partitioning, steps
+from trainer import checkpointing, input_pipeline, manifest, partitioning, perf, steps, tasks
 from trainer.data_sources import Dataset, load_dataset
 from trainer.errors import ConfigError
 from trainer.metrics import MetricWriter, ProgressLogger, StepMetrics
 from trainer.optimizers import Optimizer, create_optimizer
 from trainer.preemption import PreemptionWatcher
 from trainer.train_state import TrainState, init_train_state
-
-EVAL_METRICS = ("accuracy", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +54,7 @@ class Experiment:
   mesh: Mesh
   dataset: Dataset
   model: nn.Module
+  task: tasks.Task
   optimizer: Optimizer
   # ShapeDtypeStructs carrying their target shardings.
   abstract_state: TrainState
@@ -63,6 +63,8 @@ class Experiment:
   init_state: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[TrainState, dict], dict]
+  # Analytic training FLOPs per step (language models), for perf/mfu; None when unknown.
+  flops_per_step: float | None
 
 
 def build_experiment(
@@ -82,13 +84,10 @@ def build_experiment(
   )
   _validate_loop_config(config, data_parallel)
   dataset = load_dataset(config.data)
+  task = tasks.for_dataset(dataset)
+  _validate_eval_metric(config.eval, task)
   try:
-    model = models.get_model(
-      config.model.name,
-      num_classes=dataset.num_classes,
-      dtype=config.model.dtype,
-      dropout_rate=config.model.dropout_rate,
-    )
+    model = models.get_model(config.model, num_outputs=dataset.num_classes)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   optimizer = create_optimizer(config.optim, config.train.num_steps)
@@ -97,7 +96,8 @@ def build_experiment(
     init_train_state,
     model,
     optimizer.tx,
-    input_shape=dataset.input_shape,
+    init_batch=task.init_batch(),
+    model_inputs=task.model_inputs,
     use_ema=config.optim.ema_decay > 0,
   )
   rng = jax.random.PRNGKey(config.seed)
@@ -114,19 +114,19 @@ def build_experiment(
   batch_sharding = partitioning.batch_sharding(mesh)
   train_step = steps.make_train_step(
     model,
+    task,
     optimizer.tx,
     optimizer.schedule,
-    mean=dataset.mean,
-    std=dataset.std,
     grad_accum_steps=config.optim.grad_accum_steps,
     ema_decay=config.optim.ema_decay,
   )
-  eval_step = steps.make_eval_step(model, mean=dataset.mean, std=dataset.std)
+  eval_step = steps.make_eval_step(model, task)
   return Experiment(
     config=config,
     mesh=mesh,
     dataset=dataset,
     model=model,
+    task=task,
     optimizer=optimizer,
     abstract_state=abstract_state,
     state_shardings=state_shardings,
@@ -144,6 +144,9 @@ def build_experiment(
     ),
     eval_step=jax.jit(
       eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+    ),
+    flops_per_step=perf.model_flops_per_step(
+      model, dataset.input_shape, config.train.global_batch_size
     ),
   )
 
@@ -167,14 +170,18 @@ def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int)
       f"{local_rows} rows each data-parallel device gets per step (global batch "
       f"{config.train.global_batch_size} / data-parallel size {data_parallel})"
     )
-  if config.eval.best_metric not in EVAL_METRICS:
-    raise ConfigError(
-      f"config.eval.best_metric={config.eval.best_metric!r}; choose one of {EVAL_METRICS}"
-    )
   if config.eval.best_mode not in ("max", "min"):
     raise ConfigError(f"config.eval.best_mode={config.eval.best_mode!r}; choose 'max' or 'min'")
   if not 0 <= config.optim.ema_decay < 1:
     raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1)")
+
+
+def _validate_eval_metric(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
+  if config.best_metric not in task.metric_names:
+    raise ConfigError(
+      f"config.eval.best_metric={config.best_metric!r} is not an eval metric of this task; "
+      f"choose one of {task.metric_names}"
+    )
 
 
 def train_and_evaluate(
@@ -215,7 +222,7 @@ def train_and_evaluate(
           config, experiment.mesh, experiment.dataset.fingerprint, start_step
         ),
       )
-    writer.write_config(config, [f"eval/{name}" for name in EVAL_METRICS])
+    writer.write_config(config, [f"eval/{name}" for name in experiment.task.metric_names])
     loop = _TrainLoop(experiment, checkpointer, writer, start_step, loop_state)
     result = loop.run(state, data_iterator)
     return dataclasses.replace(result, workdir=os.path.abspath(workdir))
@@ -250,21 +257,19 @@ def _initial_state(
 
 
 def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
-  """Loss and accuracy over the whole eval split (every example exactly once)."""
+  """The task's metrics over the eval split: every example exactly once, or the first
+  `config.eval.max_batches` batches when that is set."""
   totals = None
   for batch in input_pipeline.eval_batches(
     experiment.dataset.eval,
     global_batch_size=experiment.config.eval.global_batch_size,
     sharding=experiment.batch_sharding,
+    max_batches=experiment.config.eval.max_batches,
   ):
     sums = experiment.eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {
-    "eval/loss": float(totals["loss"]) / count,
-    "eval/accuracy": float(totals["correct"]) / count,
-  }
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  metrics = experiment.task.metrics(jax.device_get(totals))
+  return {f"eval/{name}": float(value) for name, value in metrics.items()}
 
 
 class _EarlyStopping:
@@ -322,6 +327,16 @@ class _TrainLoop:
     self.logged_losses: dict[int, float] = {}
     self.eval_metrics: dict[str, float] = {}
     self.eval_seconds = 0.0
+    is_lm = experiment.dataset.kind == "language_model"
+    self.perf_args = dict(
+      global_batch=self.config.train.global_batch_size,
+      tokens_per_example=experiment.dataset.input_shape[0] if is_lm else None,
+      flops_per_step=experiment.flops_per_step,
+      num_devices=experiment.mesh.size,
+      peak=perf.peak_tflops(
+        experiment.mesh.devices.flat[0].device_kind, self.config.perf.peak_tflops
+      ),
+    )
 
   def run(self, state: TrainState, data_iterator) -> TrainResult:
     num_steps = self.config.train.num_steps
@@ -377,12 +392,9 @@ class _TrainLoop:
   def _log_train(self, step: int) -> None:
     self.train_metrics = self.step_metrics.summarize()
     rate = self.progress.steps_per_sec(step)
-    perf = {
-      "perf/steps_per_sec": rate,
-      "perf/examples_per_sec": rate * self.config.train.global_batch_size,
-    }
     self.logged_losses[step] = self.train_metrics["train/loss"]
-    self.writer.write_scalars(step, {**self.train_metrics, **perf})
+    perf_metrics = perf.perf_metrics(rate, **self.perf_args)
+    self.writer.write_scalars(step, {**self.train_metrics, **perf_metrics})
     self.progress.log(step, self.train_metrics["train/loss"], rate)
 
   def _evaluate(self, step: int, state: TrainState) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -32,7 +33,8 @@ def init_train_state(
   tx: optax.GradientTransformation,
   *,
   rng: jax.Array,
-  input_shape: tuple[int, ...],
+  init_batch: dict,
+  model_inputs: Callable[[dict], tuple[tuple, dict]],
   use_ema: bool,
 ) -> TrainState:
   """Initializes a state whose leaves stay boxed in `nn.Partitioned` (for sharding lookups).
@@ -40,8 +42,10 @@ def init_train_state(
   Meant for `jax.eval_shape` (to plan shardings) and, unboxed, for `jax.jit(out_shardings=...)`.
   """
   params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+  args, kwargs = model_inputs(init_batch)
+  variables = model.init(
+    {"params": params_rng, "dropout": dropout_rng}, *args, train=False, **kwargs
+  )
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(

@@ -1,0 +1,55 @@
+"""A GPT-style language model on byte-level text (by default, the Python standard library).
+
+  python -m trainer.main --config=configs/lm.py:size=tiny --workdir=/tmp/lm
+  python -m trainer.main --config=configs/lm.py:size=350m --workdir=/runs/lm350m \\
+      --config.mesh.fsdp=-1 --config.mesh.tensor=2 --config.data.files='/data/*.txt'
+"""
+
+from configs import base
+
+# size -> (seq_len, global batch, peak learning rate). Learning rates from GPT-3 Table 2.1.
+SIZES = {
+  "tiny": (128, 16, 3e-3),
+  "125m": (1024, 32, 6e-4),
+  "350m": (1024, 32, 3e-4),
+  "760m": (1024, 32, 2.5e-4),
+  "1.3b": (1024, 32, 2e-4),
+}
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_config_arg(arg, size="tiny", smoke=False)
+  if args.size not in SIZES:
+    raise ValueError(f"unknown size {args.size!r} in {arg!r}; choose one of {list(SIZES)}")
+  seq_len, batch, learning_rate = SIZES[args.size]
+  config = base.get_base_config()
+  config.data.name = "text"
+  config.data.seq_len = seq_len
+  config.model.name = f"lm_{args.size}"
+  # Large models compute in bfloat16 (parameters stay float32); tiny stays float32 for CPU tests.
+  config.model.dtype = "float32" if args.size == "tiny" else "bfloat16"
+
+  config.optim.name = "adamw"
+  config.optim.learning_rate = learning_rate
+  config.optim.b2 = 0.95
+  config.optim.weight_decay = 0.1
+  config.optim.warmup_steps = 100
+  config.optim.end_lr_factor = 0.1
+
+  config.train.num_steps = 2000
+  config.train.global_batch_size = batch
+  config.train.log_every_steps = 50
+  config.eval.every_steps = 500
+  config.eval.global_batch_size = batch
+  config.eval.max_batches = 20
+  config.eval.best_metric = "loss"
+  config.eval.best_mode = "min"
+  config.checkpoint.every_steps = 500
+
+  if args.smoke:
+    base.shrink_for_smoke(config)
+    config.data.seq_len = 32
+    config.data.max_bytes = 300_000
+    config.eval.global_batch_size = 32
+    config.eval.max_batches = 2
+  return config
