@@ -15,6 +15,8 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import serialization
 
 from trainer.errors import ConfigError
@@ -33,8 +35,9 @@ def existing_steps(workdir: str) -> list[int]:
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
-  with _manager(directory, read_only=True) as manager:
-    return sorted(manager.all_steps())
+  # A plain directory listing, no CheckpointManager: in a multi-process job another process may
+  # be creating the directory right now, and managers synchronize processes when created.
+  return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 class Checkpointer:
@@ -109,17 +112,39 @@ class Checkpointer:
     """Restores `step` onto the shardings in `abstract_state` (any mesh, any process count).
 
     Returns the state and the loop's own state (e.g. early stopping) saved with it.
+
+    The data iterator continues exactly where it stopped, also when the checkpoint was saved by
+    a different number of processes: its state counts global batches consumed, and the global
+    stream is the same whatever the process count (see input_pipeline.train_iterator).
     """
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
-        loop_state=ocp.args.JsonRestore(),
-      ),
-    )
+    items = {
+      "state": ocp.args.StandardRestore(serialization.to_state_dict(abstract_state)),
+      "loop_state": ocp.args.JsonRestore(),
+    }
+    saved_iterators = self._saved_iterator_states(step)
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own in saved_iterators:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if own not in saved_iterators:
+      states = {json.dumps(json.loads(text), sort_keys=True) for text in saved_iterators.values()}
+      if len(states) != 1:
+        raise ValueError(f"step {step}: processes saved different data positions: {states}")
+      logging.info(
+        "Step %d was saved by %d process(es), this run has %d: resuming the data stream at %s.",
+        step,
+        len(saved_iterators),
+        jax.process_count(),
+        states,
+      )
+      data_iterator.set_state(json.loads(states.pop()))
     state = serialization.from_state_dict(abstract_state, restored["state"])
     return state, restored["loop_state"]
+
+  def _saved_iterator_states(self, step: int) -> dict[str, str]:
+    """`{process_i-of-n.json: state}` as saved with `step`."""
+    directory = epath.Path(self._manager.directory) / str(step) / "data_iter"
+    return {path.name: path.read_text() for path in directory.glob("process_*-of-*.json")}
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -1,9 +1,10 @@
 """grain input pipelines that feed globally sharded batches to the jitted steps.
 
-Each process reads only its own slice of the examples (`[process_index::process_count]`) and
-contributes `global_batch / process_count` rows to every global batch. The training iterator's
-state is a small JSON dict that Orbax saves with the train state, so a resumed run continues the
-exact example stream.
+Every process walks the same shuffled global example stream and reads only its own
+`global_batch / process_count` rows of each global batch, so the stream does not depend on the
+number of processes. The training iterator's state is a small JSON dict (how many batches were
+consumed) that Orbax saves with the train state, so a resumed run continues the exact stream, even
+on a different number of processes.
 """
 
 from __future__ import annotations
@@ -44,18 +45,14 @@ def train_iterator(
   sharding: jax.sharding.NamedSharding,
 ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of `{"inputs", "labels"}` global jax.Arrays."""
-  local_batch = global_batch_size // jax.process_count()
-  ds = grain.MapDataset.source(dataset.train)[jax.process_index() :: jax.process_count()]
-  if len(ds) < local_batch:
-    raise ConfigError(
-      f"this process holds {len(ds)} training examples, fewer than its batch of {local_batch}; "
-      "lower config.train.global_batch_size"
-    )
-  ds = ds.seed(seed)
-  if shuffle:
-    ds = ds.shuffle()
-  # Each epoch reshuffles; batches may span an epoch boundary, so no example is ever dropped.
-  ds = ds.repeat().batch(local_batch, drop_remainder=True)
+  ds = local_batches(
+    dataset.train,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   read_options = grain.ReadOptions(
     num_threads=worker_threads, prefetch_buffer_size=prefetch_batches
   )
@@ -68,6 +65,33 @@ def train_iterator(
     prefetch_buffer_size=_DEVICE_BUFFER_BATCHES,
   )
   return iter(iter_ds)
+
+
+def local_batches(
+  source,
+  *,
+  global_batch_size: int,
+  seed: int,
+  shuffle: bool,
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
+  """This process's rows of every global batch, as an endless random-access dataset.
+
+  All processes walk one global stream: each epoch a fresh permutation, batches free to span
+  epoch boundaries (no example is ever dropped). Global batch b is the stream's rows
+  [b * global, (b + 1) * global); process i reads only its chunk, number b * n + i of the stream
+  cut into local batches. The stream does not depend on the number of processes: 2 processes x
+  4 devices see exactly the batches 1 process x 8 devices does.
+  """
+  ds = grain.MapDataset.source(source)
+  if len(ds) == 0:
+    raise ConfigError("the training split is empty; check config.data")
+  ds = ds.seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.repeat().batch(global_batch_size // process_count, drop_remainder=True)
+  return ds[process_index::process_count]
 
 
 def eval_batches(

@@ -13,13 +13,29 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trainer import train
+from trainer import distributed, train
 from trainer.errors import ConfigError, NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file, optionally with `:arg`.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the manifest.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "true", "false"],
+  "Start jax.distributed: auto = when a cluster (SLURM, Cloud TPU) or coordinator flags say so.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's coordinator, for multi-process runs."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  100,
+  "Processes fail (instead of hanging) when a peer is silent this long.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,6 +54,19 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  try:
+    distributed.initialize(
+      distributed.DistributedOptions(
+        enabled={"auto": None, "true": True, "false": False}[_DISTRIBUTED.value],
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+      )
+    )
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   logging.info(
     "JAX process %d/%d, %d local / %d global devices (%s)",
     jax.process_index(),

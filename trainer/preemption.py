@@ -1,25 +1,32 @@
-"""SIGTERM (preemption) handling: the loop checkpoints at the current step and exits cleanly."""
+"""Preemption (SIGTERM): every process saves a checkpoint at the same step, then exits cleanly.
+
+One process: a Python SIGTERM handler records the request. Several processes (after
+`jax.distributed.initialize`): JAX's preemption service receives the signal on whichever process
+got it and agrees with all the others on one step to stop at
+(`multihost_utils.reached_preemption_sync_point`), so their checkpoint is consistent.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
 
+import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class PreemptionWatcher:
-  """Context manager that records SIGTERM instead of dying, and restores the old handler on exit.
-
-  Only the main thread can install signal handlers; elsewhere the watcher stays inert.
-  """
+  """Context manager; `should_stop(step)` must be called by every process at every step."""
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._multi_process = False
 
-  @property
-  def requested(self) -> bool:
+  def should_stop(self, step: int) -> bool:
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
   def _on_signal(self, signum, frame) -> None:
@@ -30,7 +37,10 @@ class PreemptionWatcher:
     self._event.set()
 
   def __enter__(self) -> PreemptionWatcher:
-    if threading.current_thread() is threading.main_thread():
+    self._multi_process = jax.process_count() > 1
+    # JAX's preemption service owns SIGTERM in multi-process runs; Python may only install
+    # handlers from the main thread.
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
     return self
 

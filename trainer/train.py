@@ -360,7 +360,7 @@ class _TrainLoop:
         evaluated = step % self.config.eval.every_steps == 0 or is_last
         if evaluated:
           stopped_early = self._evaluate(step, state)
-        preempted = preemption.requested
+        preempted = preemption.should_stop(step)
         stop = is_last or stopped_early or preempted
         if stop or evaluated or step % self.config.checkpoint.every_steps == 0:
           self._maybe_save(step, state, data_iterator, evaluated=evaluated, force=stop)

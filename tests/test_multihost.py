@@ -1,0 +1,316 @@
+"""Several processes on localhost rehearse a multi-host job (jax.distributed over gloo)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers.kill_during_save import smoke_config
+from trainer import checkpointing, distributed, input_pipeline, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "scripts", "launch_local.sh")
+# 6 steps, a loss every step, one checkpoint at the end; dropout so per-step RNG must agree too.
+OVERRIDES = {
+  "train.num_steps": 6,
+  "train.log_every_steps": 1,
+  "eval.every_steps": 6,
+  "checkpoint.every_steps": 6,
+  "model.dropout_rate": 0.1,
+  "mesh.data": 2,
+  "mesh.fsdp": 4,
+  # A schedule that does not depend on num_steps, so a run extended from 6 to 9 steps trains
+  # exactly like one that planned 9 from the start.
+  "optim.schedule": "constant",
+}
+
+
+def _flags(overrides):
+  return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, overrides, *, num_processes=2, timeout=300):
+  proc = subprocess.run(
+    [
+      LAUNCHER,
+      f"--num_processes={num_processes}",
+      "--devices_per_process=4",
+      "--",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={workdir}",
+      *_flags(overrides),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, "PYTHON": sys.executable},
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _spawn(workdir, overrides, process_id, port, extra=(), env=None):
+  """One trainer process of a 2 x 4-device job, started directly (so tests can signal it)."""
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-u",
+      "-m",
+      "trainer.main",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={workdir}",
+      *_flags(overrides),
+      *extra,
+      *(
+        [
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={process_id}",
+        ]
+        if port
+        else []
+      ),
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **(env or {})},
+  )
+
+
+def _tensorboard_losses(workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def _restore(config, workdir, devices=None):
+  experiment = train.build_experiment(config, devices)
+  checkpointer = checkpointing.Checkpointer(
+    str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
+  )
+  iterator = input_pipeline.train_iterator(
+    experiment.dataset,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    shuffle=True,
+    worker_threads=0,
+    prefetch_batches=1,
+    sharding=experiment.batch_sharding,
+  )
+  state, _ = checkpointer.restore(checkpointer.latest_step(), experiment.abstract_state, iterator)
+  checkpointer.close()
+  return jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The smoke config trained by 2 processes x 4 devices and by 1 process x 8 devices."""
+  root = tmp_path_factory.mktemp("multihost")
+  _launch(root / "two", OVERRIDES)
+  single = train.train_and_evaluate(smoke_config(OVERRIDES), str(root / "one"))
+  return root, single
+
+
+def test_two_processes_match_one_process(runs):
+  root, single = runs
+  losses = _tensorboard_losses(root / "two")
+  assert sorted(losses) == list(range(1, 7))
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, 7)], [single.logged_losses[s] for s in range(1, 7)], rtol=1e-5
+  )
+  config = smoke_config(OVERRIDES)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    _restore(config, root / "two"),
+    _restore(config, root / "one"),
+  )
+
+
+def test_only_process_zero_writes_but_all_save(runs):
+  root, _ = runs
+  events = [f for f in os.listdir(root / "two" / "tensorboard") if f.startswith("events")]
+  assert len(events) == 1
+  manifest = (root / "two" / "manifest.json").read_text()
+  assert '"process_count": 2' in manifest
+  saved = sorted(os.listdir(root / "two" / "checkpoints" / "6" / "data_iter"))
+  assert [f for f in saved if f.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(data=1, fsdp=1)], ids=["8dev", "1dev"])
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, mesh):
+  """Resharding restore: 2 x 4 devices -> 1 process with another mesh, then 3 more steps,
+  equal to a single process that trained all 9 steps (data stream included)."""
+  root, _ = runs
+  devices = None if mesh["data"] * mesh["fsdp"] == 8 else jax.devices()[:1]
+  nine = {**OVERRIDES, "train.num_steps": 9, "mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"]}
+  shutil.copytree(root / "two", tmp_path / "resumed")
+  resumed = train.train_and_evaluate(smoke_config(nine), str(tmp_path / "resumed"), devices)
+  straight = train.train_and_evaluate(smoke_config(nine), str(tmp_path / "straight"), devices)
+  assert resumed.step == 9
+  np.testing.assert_allclose(
+    [resumed.logged_losses[s] for s in (7, 8, 9)],
+    [straight.logged_losses[s] for s in (7, 8, 9)],
+    rtol=1e-5,
+  )
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(runs, tmp_path):
+  root, _ = runs
+  nine = {**OVERRIDES, "train.num_steps": 9}
+  shutil.copytree(root / "one", tmp_path / "resumed")
+  _launch(tmp_path / "resumed", nine)
+  straight = train.train_and_evaluate(smoke_config(nine), str(tmp_path / "straight"))
+  losses = _tensorboard_losses(tmp_path / "resumed")
+  np.testing.assert_allclose(
+    [losses[s] for s in (7, 8, 9)], [straight.logged_losses[s] for s in (7, 8, 9)], rtol=1e-5
+  )
+
+
+def test_processes_read_disjoint_rows_covering_each_epoch():
+  ids = np.arange(40, dtype=np.float32)[:, None]
+  source = [{"inputs": ids[i], "labels": np.int32(0)} for i in range(40)]
+  per_process = [
+    input_pipeline.local_batches(
+      source, global_batch_size=8, seed=0, shuffle=True, process_index=p, process_count=2
+    )
+    for p in range(2)
+  ]
+  single = input_pipeline.local_batches(
+    source, global_batch_size=8, seed=0, shuffle=True, process_index=0, process_count=1
+  )
+  seen = []
+  for b in range(10):  # Two epochs of 40 examples in global batches of 8.
+    rows = np.concatenate([per_process[p][b]["inputs"][:, 0] for p in range(2)])
+    np.testing.assert_array_equal(rows, single[b]["inputs"][:, 0])  # Same global batch.
+    seen.append(rows)
+  seen = np.concatenate(seen)
+  for epoch in (seen[:40], seen[40:]):
+    assert sorted(epoch) == list(range(40))  # None twice, none skipped.
+
+
+def _wait_for(proc, text, timeout=180):
+  deadline = time.monotonic() + timeout
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return lines
+    if time.monotonic() > deadline:
+      break
+  raise AssertionError(f"never saw {text!r}:\n{''.join(lines[-30:])}")
+
+
+def test_sigterm_to_one_process_saves_all_at_the_same_step(tmp_path):
+  port = _free_port()
+  long_run = {
+    **OVERRIDES,
+    "train.num_steps": 100000,
+    "checkpoint.every_steps": 1000,
+    "eval.every_steps": 1000,
+    "train.log_every_steps": 5,
+  }
+  procs = [_spawn(tmp_path, long_run, i, port) for i in range(2)]
+  _wait_for(procs[0], "step 10/100000")
+  procs[1].send_signal(signal.SIGTERM)  # Preempt only the second host.
+  outputs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  steps = checkpointing.existing_steps(str(tmp_path))
+  assert len(steps) == 1 and 10 <= steps[0] < 1000, steps
+  saved = os.listdir(tmp_path / "checkpoints" / str(steps[0]) / "data_iter")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
+  assert f"training preempted at step {steps[0]}" in outputs[0]
+
+
+def test_a_dead_process_makes_the_others_fail(tmp_path):
+  port = _free_port()
+  long_run = {
+    **OVERRIDES,
+    "train.num_steps": 100000,
+    "checkpoint.every_steps": 5,
+    "eval.every_steps": 1000,
+    "train.log_every_steps": 5,
+  }
+  extra = ["--heartbeat_timeout_seconds=5"]
+  procs = [_spawn(tmp_path, long_run, i, port, extra) for i in range(2)]
+  _wait_for(procs[0], "step 10/100000")
+  procs[1].kill()
+  start = time.monotonic()
+  output = procs[0].communicate(timeout=120)[0]
+  assert procs[0].returncode != 0
+  assert time.monotonic() - start < 120
+  assert any(word in output.lower() for word in ("heartbeat", "unavailable", "failed", "error"))
+  # What remains is a set of complete checkpoints to resume from.
+  assert checkpointing.existing_steps(str(tmp_path))
+
+
+def test_slurm_environment_is_detected(tmp_path):
+  """The SLURM path: the variables srun sets, no coordinator flags; JAX finds the rest."""
+  job_id = str(_free_port())  # JAX derives the coordinator port from the job id.
+  procs = []
+  for i in range(2):
+    env = {
+      "SLURM_JOB_ID": job_id,
+      "SLURM_NTASKS": "2",
+      "SLURM_PROCID": str(i),
+      "SLURM_LOCALID": str(i),
+      "SLURM_STEP_NODELIST": "localhost",
+      "SLURM_NTASKS_PER_NODE": "2",
+    }
+    procs.append(
+      _spawn(tmp_path, {**OVERRIDES, "train.num_steps": 2, "eval.every_steps": 2}, i, None, env=env)
+    )
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+  assert "Initializing jax.distributed (SLURM)" in outputs[0]
+  assert "JAX process 1/2" in outputs[1]
+
+
+def test_cluster_detection_and_flags():
+  assert distributed.detected_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "SLURM"
+  assert distributed.detected_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
+  assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "Cloud TPU"
+  assert not distributed.should_initialize(distributed.DistributedOptions(), {})
+  assert distributed.should_initialize(distributed.DistributedOptions(num_processes=2), {})
+  assert not distributed.should_initialize(
+    distributed.DistributedOptions(enabled=False), {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}
+  )
+  with pytest.raises(
+    ValueError, match="--num_processes given without --coordinator_address, --process_id"
+  ):
+    distributed.initialize(distributed.DistributedOptions(num_processes=2), {})
+  slurm = {"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}
+  assert distributed.slurm_local_device_ids(slurm) == list(range(8))
+  assert distributed.slurm_local_device_ids({**slurm, "SLURM_NTASKS_PER_NODE": "8"}) is None
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--num_processes=0", "--", "--workdir=x"], "positive integers"),
+    (["--devices_per_process=x", "--", "--workdir=x"], "positive integers"),
+    (["--num_processes=2"], "no trainer arguments"),
+    (["--config=configs/digits_cnn.py"], "unknown argument '--config=configs/digits_cnn.py'"),
+  ],
+)
+def test_launcher_rejects_bad_arguments(args, message):
+  proc = subprocess.run([LAUNCHER, *args], capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 2
+  assert message in proc.stderr

@@ -1,0 +1,106 @@
+"""Multi-controller startup: one process per host, all running the same program.
+
+`initialize` starts JAX's distributed runtime when asked (`--distributed`), or automatically when
+the environment says this is one task of a cluster job: SLURM (`srun` sets SLURM_NTASKS > 1),
+Kubernetes and Cloud TPU (JAX's own cluster detection), or explicit coordinator flags. On CPU it
+selects the gloo collectives, so several processes on one machine can rehearse a pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from absl import logging
+
+from trainer.errors import ConfigError
+
+# Environment variables whose presence means "this process is one task of a cluster job".
+# (Kubernetes jobs pass explicit flags: see scripts/k8s/train-jobset.yaml.)
+_CLUSTER_MARKERS = {
+  "SLURM": ("SLURM_JOB_ID", "SLURM_NTASKS"),
+  "Cloud TPU": ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions:
+  # None: decide from the environment; True/False: force.
+  enabled: bool | None = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  # A process whose peers stop sending heartbeats for this long fails instead of hanging.
+  heartbeat_timeout_seconds: int = 100
+  initialization_timeout_seconds: int = 300
+
+
+def detected_cluster(environ=os.environ) -> str | None:
+  """The cluster this process runs under, from its environment, or None."""
+  if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    return "SLURM"
+  for name, markers in _CLUSTER_MARKERS.items():
+    if name != "SLURM" and any(m in environ for m in markers):
+      return name
+  return None
+
+
+def slurm_local_device_ids(environ=os.environ) -> list[int] | None:
+  """All of the node's GPUs when SLURM runs one task per node, else None (JAX's default).
+
+  JAX's SLURM detection gives each task the single device numbered by its SLURM_LOCALID (one
+  task per GPU); a task that drives a whole node must ask for every GPU explicitly.
+  """
+  tasks_per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+  gpus = environ.get("SLURM_GPUS_ON_NODE")
+  if tasks_per_node.split("(")[0] != "1" or not gpus:
+    return None
+  return list(range(int(gpus)))
+
+
+def should_initialize(options: DistributedOptions, environ=os.environ) -> bool:
+  if options.enabled is not None:
+    return options.enabled
+  explicit = (options.coordinator_address, options.num_processes, options.process_id)
+  return any(v is not None for v in explicit) or detected_cluster(environ) is not None
+
+
+def initialize(options: DistributedOptions, environ=os.environ) -> bool:
+  """Starts `jax.distributed` if `should_initialize`; returns whether it did.
+
+  Must run before anything touches a JAX device. Raises ConfigError for half-given flags.
+  """
+  if not should_initialize(options, environ):
+    return False
+  explicit = {
+    "--coordinator_address": options.coordinator_address,
+    "--num_processes": options.num_processes,
+    "--process_id": options.process_id,
+  }
+  given = [name for name, value in explicit.items() if value is not None]
+  cluster = detected_cluster(environ)
+  if given and len(given) < 3 and cluster is None:
+    missing = sorted(set(explicit) - set(given))
+    raise ConfigError(
+      f"{', '.join(given)} given without {', '.join(missing)}: outside a detected cluster "
+      "(SLURM, Kubernetes, Cloud TPU) all three are needed"
+    )
+  # CPU devices exchange data across processes through gloo (accelerators use their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  logging.info(
+    "Initializing jax.distributed (%s): coordinator=%s num_processes=%s process_id=%s",
+    cluster or "explicit flags",
+    options.coordinator_address,
+    options.num_processes,
+    options.process_id,
+  )
+  jax.distributed.initialize(
+    coordinator_address=options.coordinator_address,
+    num_processes=options.num_processes,
+    process_id=options.process_id,
+    local_device_ids=slurm_local_device_ids(environ) if cluster == "SLURM" else None,
+    initialization_timeout=options.initialization_timeout_seconds,
+    heartbeat_timeout_seconds=options.heartbeat_timeout_seconds,
+  )
+  return True
