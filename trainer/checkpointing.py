@@ -66,13 +66,19 @@ class Checkpointer:
           keep_checkpoints_without_metrics=False,
         )
       )
+    # Metrics are recorded (and best_step tracked) only when keeping the best; otherwise Orbax
+    # would warn at every save that no metrics came with it.
+    tracking = (
+      dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
+      if config.keep_best > 0
+      else {}
+    )
     self._manager = _manager(
       checkpoint_dir(workdir),
       read_only=False,
       async_save=config.async_save,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      best_fn=lambda metrics: metrics[best_metric],
-      best_mode=best_mode,
+      **tracking,
     )
 
   def latest_step(self) -> int | None:

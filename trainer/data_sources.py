@@ -42,6 +42,10 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"inputs": self.inputs[index], "labels": self.labels[index]}
 
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Many examples in one vectorized read."""
+    return {"inputs": self.inputs[indices], "labels": self.labels[indices]}
+
 
 class ArrayRecordSource:
   """Examples stored one msgpack record each in ArrayRecord files."""

@@ -10,6 +10,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -77,42 +78,49 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
 class StepMetrics:
   """Collects each step's metrics on device and reads them back once per logging interval.
 
-  Reading back every step would stall the dispatch pipeline; instead the arrays queue here and a
-  `summarize()` checks them all for non-finite values, naming the first bad step.
+  Reading back every step would stall the dispatch pipeline; instead the arrays queue here, are
+  stacked on device (one transfer per metric, not per step and metric), and checked for
+  non-finite values, naming the first bad step.
   """
 
   def __init__(self):
-    self._pending: list[tuple[int, dict]] = []
-    # How many of the pending steps are already on the host and checked.
-    self._checked = 0
+    self._steps: list[int] = []
+    self._on_device: list[dict] = []
+    # Metrics of steps already read back and checked: name -> (steps,) array.
+    self._on_host: dict[str, np.ndarray] = {}
 
   def append(self, step: int, metrics: dict) -> None:
-    self._pending.append((step, metrics))
+    self._steps.append(step)
+    self._on_device.append(metrics)
 
   def check_finite(self) -> None:
     """Reads the pending steps back and raises NonFiniteError naming the first bad one."""
-    if not self._pending or self._checked == len(self._pending):
+    if not self._on_device:
       return
-    host = jax.device_get([metrics for _, metrics in self._pending])
-    self._pending = [(step, m) for (step, _), m in zip(self._pending, host, strict=True)]
-    self._checked = len(self._pending)
-    for step, metrics in self._pending:
-      bad = {k: float(metrics[k]) for k in _GUARDED_METRICS if not np.isfinite(metrics[k])}
-      if bad:
-        raise NonFiniteError(
-          f"non-finite {bad} at step {step}; the run stopped and this state was not "
-          "checkpointed. Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, "
-          "or check the input data"
-        )
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self._on_device))
+    checked = len(next(iter(self._on_host.values()), ()))
+    self._on_device = []
+    self._on_host = {
+      k: np.concatenate([self._on_host[k], v]) if k in self._on_host else v
+      for k, v in stacked.items()
+    }
+    new_steps = np.asarray(self._steps[checked:])
+    bad = ~np.all([np.isfinite(stacked[k]) for k in _GUARDED_METRICS], axis=0)
+    if bad.any():
+      first = int(np.argmax(bad))
+      values = {k: float(stacked[k][first]) for k in _GUARDED_METRICS}
+      raise NonFiniteError(
+        f"non-finite {values} at step {new_steps[first]}; the run stopped and this state was "
+        "not checkpointed. Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, "
+        "or check the input data"
+      )
 
   def summarize(self) -> dict[str, float]:
     """Means over the pending steps, then clears them; raises NonFiniteError like check_finite."""
-    if not self._pending:
-      return {}
     self.check_finite()
-    host = [metrics for _, metrics in self._pending]
-    self._pending, self._checked = [], 0
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    means = {k: float(np.mean(v)) for k, v in self._on_host.items()}
+    self._steps, self._on_host = [], {}
+    return means
 
 
 class ProgressLogger:

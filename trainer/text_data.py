@@ -117,18 +117,22 @@ class PackedTextSource:
     return self.num_rows
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    start = int(index) * self.seq_len
-    span = np.arange(start, start + self.seq_len + 1)
+    return {k: v[0] for k, v in self.take(np.array([index])).items()}
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `indices`, stacked: each array is (len(indices), seq_len)."""
+    starts = np.asarray(indices, np.int64)[:, None] * self.seq_len
+    span = starts + np.arange(self.seq_len + 1)  # (rows, seq_len + 1) stream offsets
     tokens = self.stream[span].astype(np.int32)
     doc = np.searchsorted(self.doc_starts, span, side="right") - 1
     positions = span - self.doc_starts[doc]
-    segment_ids = (doc - doc[0] + 1).astype(np.int32)  # 1, 2, ... within the row; 0 is padding.
+    segment_ids = (doc - doc[:, :1] + 1).astype(np.int32)  # 1, 2, ... within a row; 0 = padding.
     return {
-      "inputs": tokens[:-1],
-      "targets": tokens[1:],
-      "positions": positions[:-1].astype(np.int32),
-      "segment_ids": segment_ids[:-1],
-      "loss_mask": (doc[:-1] == doc[1:]).astype(np.int32),
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "positions": positions[:, :-1].astype(np.int32),
+      "segment_ids": segment_ids[:, :-1],
+      "loss_mask": (doc[:, :-1] == doc[:, 1:]).astype(np.int32),
     }
 
 

@@ -428,6 +428,6 @@ class _TrainLoop:
       state,
       data_iterator,
       self.config,
-      metrics=self.eval_metrics if evaluated else None,
+      metrics=self.eval_metrics if evaluated and checkpoint.keep_best > 0 else None,
       loop_state={"early_stopping": self.early_stopping.state_dict()},
     )
