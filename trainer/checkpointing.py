@@ -1,8 +1,9 @@
 """One Orbax CheckpointManager for the train state, the data iterator and the config.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config,metrics}`. Orbax writes each step
-into a temporary directory and renames it when complete, so a process killed mid-save leaves
-only complete steps behind (the partial one is cleaned up on the next start).
+Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config,data_spec,loop_state,metrics}`.
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves only complete steps behind (the partial one is cleaned up on the next
+start).
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ class Checkpointer:
     *,
     best_metric: str,
     best_mode: str,
+    data_spec: dict | None = None,
   ):
     self.best_metric = best_metric
+    # Saved with every step, so inference (export) needs the checkpoint alone, not the data.
+    self.data_spec = data_spec or {}
     policies = [ocp.checkpoint_managers.LatestN(n=config.keep_last)]
     if config.keep_best > 0:
       policies.append(
@@ -104,6 +108,7 @@ class Checkpointer:
         data_iter=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         loop_state=ocp.args.JsonSave(loop_state or {}),
+        data_spec=ocp.args.JsonSave(self.data_spec),
       ),
       metrics=metrics,
       force=True,
@@ -194,6 +199,7 @@ def _manager(directory: str, *, read_only: bool, async_save: bool = False, **opt
     "data_iter": grain.checkpoint.CheckpointHandler(),
     "config": ocp.JsonCheckpointHandler(),
     "loop_state": ocp.JsonCheckpointHandler(),
+    "data_spec": ocp.JsonCheckpointHandler(),
   }
   return ocp.CheckpointManager(
     directory,

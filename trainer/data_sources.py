@@ -80,6 +80,20 @@ class Dataset:
   # classification: {"inputs", "labels"} examples, num_classes labels.
   # language_model: packed token rows (see text_data), num_classes = vocabulary size.
   kind: str = "classification"
+  # The shape a served model takes per example, when it differs from input_shape (digits: the
+  # 64 values of sklearn's `digits.data` rows, reshaped to 8x8x1 inside the exported function).
+  serving_input_shape: tuple[int, ...] | None = None
+
+  def spec(self) -> dict:
+    """What inference needs to know about the data, saved with every checkpoint."""
+    return {
+      "kind": self.kind,
+      "num_classes": self.num_classes,
+      "input_shape": list(self.input_shape),
+      "serving_input_shape": list(self.serving_input_shape or self.input_shape),
+      "mean": self.mean,
+      "std": self.std,
+    }
 
 
 def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> None:
@@ -136,6 +150,7 @@ def _load_digits(config: ml_collections.ConfigDict) -> Dataset:
     mean=0.0,
     std=16.0,
     fingerprint=_fingerprint_arrays(images[train], labels[train], images[test], labels[test]),
+    serving_input_shape=(64,),
   )
 
 

@@ -207,6 +207,7 @@ def train_and_evaluate(
       config.checkpoint,
       best_metric=f"eval/{config.eval.best_metric}",
       best_mode=config.eval.best_mode,
+      data_spec=experiment.dataset.spec(),
     )
     if config.checkpoint.enabled
     else None
