@@ -2,22 +2,35 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # Each `make run` trains into a fresh directory; pass WORKDIR=... to reuse (and resume) one.
-WORKDIR ?= runs/digits_cnn-$(shell date +%Y%m%d-%H%M%S)
+RUN_ID := $(shell date +%Y%m%d-%H%M%S)
+WORKDIR ?= runs/digits_cnn-$(RUN_ID)
 CONFIG ?= configs/digits_cnn.py
+# Exported versions land in $(EXPORT_BASE)/<version>, the layout TF Serving reads.
+EXPORT_BASE ?= runs/models/digits
 
-.PHONY: install run test lint format bench clean
+.PHONY: install install-train run test lint format bench clean
 
-$(BIN)/.installed: requirements.lock setup.py
+# The training side alone (no TensorFlow), e.g. for GPU/TPU images.
+$(BIN)/.installed-train: requirements.lock setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) -r requirements.lock
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
+
+# Everything: training plus the serving side (TensorFlow, TF Serving APIs, orbax-export).
+$(BIN)/.installed: $(BIN)/.installed-train requirements-serving.lock
+	$(PIP) -r requirements.lock -r requirements-serving.lock
+	touch $@
+
+install-train: $(BIN)/.installed-train
 
 install: $(BIN)/.installed
 
 run: install
 	$(BIN)/python -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m serving.export --workdir=$(WORKDIR) --export_base=$(EXPORT_BASE)
 
 test: install
 	$(BIN)/python -m pytest

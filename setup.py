@@ -21,4 +21,6 @@ setup(
     "scikit-learn",
     "tensorboardX",
   ],
+  # The serving side: export to SavedModel and serve it. Training never imports these.
+  extras_require={"serving": ["orbax-export", "tensorflow", "tensorflow-serving-api"]},
 )

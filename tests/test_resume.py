@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers.kill_during_save import smoke_config
+from tests.helpers.configs import smoke_config
 from trainer import checkpointing, input_pipeline, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,14 +6,13 @@ r"""Trains a model from a config file.
 
 from __future__ import annotations
 
-import logging as py_logging
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trainer import distributed, train
+from trainer import distributed, log_filter, train
 from trainer.errors import ConfigError, NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,21 +38,10 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# Libraries that log every checkpoint and pipeline detail at INFO; their warnings still show.
-_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/_src/")
-
-
-class _LibraryInfoFilter(py_logging.Filter):
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-      part in record.pathname for part in _CHATTY_LIBRARIES
-    )
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  log_filter.quiet_library_info_logs()
   try:
     distributed.initialize(
       distributed.DistributedOptions(

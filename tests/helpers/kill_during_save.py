@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from configs import digits_cnn
+from tests.helpers.configs import smoke_config
 from trainer import checkpointing, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -19,18 +19,6 @@ _KILL_STEP = flags.DEFINE_integer(
   "kill_step", None, "Step whose save is interrupted.", required=True
 )
 _OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON {dotted.key: value} config overrides.")
-
-
-def smoke_config(overrides: dict):
-  config = digits_cnn.get_config("smoke")
-  config.data.worker_threads = 0
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
 
 
 def main(argv):

@@ -1,0 +1,291 @@
+r"""Exports a trained checkpoint as a TF SavedModel version that TF Serving can load.
+
+  python -m serving.export --workdir=/tmp/run1 --export_base=/models/digits \
+      [--version=7] [--step=best|latest|1200]
+  python -m serving.export --check_tf_serving=2.19 --saved_model=/models/digits/1
+
+Writes `<export_base>/<version>/` (the layout `tensorflow_model_server --model_base_path` reads)
+through orbax-export and jax2tf native serialization (XlaCallModule ops). The version is built in
+a temporary directory, checked, and renamed into place only when complete and correct: an
+existing version is never overwritten, and a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from serving import compatibility, inference, parity, signatures
+from trainer import log_filter
+from trainer.errors import ConfigError
+
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
+# Golden examples from the eval split: the parity gate runs them, warmup replays a few.
+NUM_GOLDEN = 8
+NUM_WARMUP = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  path: str
+  version: int
+  step: int
+  signatures: list[str]
+  # Worst relative error of each float output in the parity gate.
+  parity: dict[str, float]
+  seconds: float
+
+
+def next_version(export_base: str) -> int:
+  """One more than the largest numeric version directory (1 for an empty base)."""
+  versions = [int(name) for name in os.listdir(export_base) if name.isdigit()]
+  return max(versions, default=0) + 1
+
+
+def export(
+  workdir: str,
+  export_base: str,
+  *,
+  step: str = "latest",
+  version: int | None = None,
+  max_new_tokens: int = 32,
+  platforms: tuple[str, ...] = ("cpu",),
+  calling_convention_version: int | None = None,
+) -> ExportResult:
+  """Exports step `step` of the run in `workdir` as `<export_base>/<version>`.
+
+  Raises ConfigError for a missing workdir or step, an unwritable base or an existing version;
+  parity.ParityError when the SavedModel's outputs differ from JAX's. Either way nothing is
+  left in `export_base`.
+  """
+  start = time.perf_counter()
+  inference.resolve_step(workdir, step)  # Fail on a bad workdir or step before touching the base.
+  if version is not None and version < 1:
+    raise ConfigError(f"--version={version} must be a positive integer")
+  _prepare_base(export_base)
+  model = inference.load(workdir, step)
+  version = version if version is not None else next_version(export_base)
+  final_path = os.path.join(export_base, str(version))
+  if os.path.exists(final_path):
+    raise ConfigError(
+      f"{final_path} already exists; versions are never overwritten. Omit --version to take "
+      f"the next one ({next_version(export_base)})"
+    )
+  signature_list = _signatures(model, max_new_tokens)
+  tmp_path = tempfile.mkdtemp(prefix=f".export-{version}-", dir=export_base)
+  try:
+    with _calling_convention(calling_convention_version):
+      _save_saved_model(model, signature_list, tmp_path, platforms)
+    errors = parity.check(tmp_path, model.variables, signature_list, dtype=model.config.model.dtype)
+    _write_assets(tmp_path, model, signature_list, workdir, platforms, errors)
+    os.rename(tmp_path, final_path)  # Atomic on one filesystem: servers never see half a model.
+  except BaseException:
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    raise
+  return ExportResult(
+    path=final_path,
+    version=version,
+    step=model.step,
+    signatures=[s.name for s in signature_list],
+    parity=errors,
+    seconds=time.perf_counter() - start,
+  )
+
+
+def _prepare_base(export_base: str) -> None:
+  try:
+    os.makedirs(export_base, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create --export_base={export_base}: {e.strerror}") from e
+  if not os.access(export_base, os.W_OK | os.X_OK):
+    raise ConfigError(
+      f"--export_base={export_base} is not writable; fix its permissions or choose another"
+    )
+
+
+class _calling_convention:
+  """Temporarily exports with another XlaCallModule calling convention (for older servers)."""
+
+  def __init__(self, version: int | None):
+    self.version = version
+
+  def __enter__(self):
+    self.previous = jax.config.jax_export_calling_convention_version
+    if self.version is not None:
+      jax.config.update("jax_export_calling_convention_version", self.version)
+
+  def __exit__(self, *exc):
+    jax.config.update("jax_export_calling_convention_version", self.previous)
+
+
+def _signatures(model: inference.InferenceModel, max_new_tokens: int) -> list[signatures.Signature]:
+  golden = _golden_inputs(model)
+  if model.data_spec["kind"] == "language_model":
+    return signatures.language_model_signatures(model, golden, max_new_tokens=max_new_tokens)
+  return signatures.classifier_signatures(model, golden)
+
+
+def _golden_inputs(model: inference.InferenceModel) -> np.ndarray:
+  """The first eval examples (or, when the data is not at hand, seeded random ones)."""
+  from trainer.data_sources import load_dataset
+
+  spec = model.data_spec
+  try:
+    dataset = load_dataset(model.config.data)
+    batch = dataset.eval.take(np.arange(min(NUM_GOLDEN, len(dataset.eval))))
+    if spec["kind"] == "language_model":
+      return batch["inputs"][:, : min(16, spec["input_shape"][0])]
+    return batch["inputs"]
+  except (ConfigError, OSError) as e:
+    logging.warning("Eval data unavailable (%s); golden inputs are seeded random ones.", e)
+  rng = np.random.default_rng(0)
+  if spec["kind"] == "language_model":
+    return rng.integers(0, 256, (NUM_GOLDEN, 16)).astype(np.int32)
+  return (spec["mean"] + spec["std"] * rng.random((NUM_GOLDEN, *spec["input_shape"]))).astype(
+    np.float32
+  )
+
+
+def _save_saved_model(model, signature_list, path: str, platforms: tuple[str, ...]) -> None:
+  import orbax.export as oex
+  import tensorflow as tf
+
+  module = oex.JaxModule(
+    model.variables,
+    {s.name: s.fn for s in signature_list},
+    input_polymorphic_shape={s.name: s.polymorphic_shapes for s in signature_list},
+    jax2tf_kwargs={s.name: {"native_serialization_platforms": platforms} for s in signature_list},
+  )
+  configs = [
+    oex.ServingConfig(
+      signature_key=s.name,
+      method_key=s.name,
+      input_signature=[
+        {
+          name: tf.TensorSpec(shape, tf.as_dtype(dtype), name=name)
+          for name, (shape, dtype) in s.inputs.items()
+        }
+      ],
+    )
+    for s in signature_list
+  ]
+  oex.ExportManager(module, configs).save(path)
+
+
+def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -> None:
+  """`assets.extra/`: warmup requests TF Serving replays, and where this version came from."""
+  extra = os.path.join(tmp_path, ASSETS_EXTRA)
+  os.makedirs(extra, exist_ok=True)
+  _write_warmup_requests(os.path.join(extra, WARMUP_FILE), signature_list)
+  run_manifest = {}
+  manifest_path = os.path.join(workdir, "manifest.json")
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      run_manifest = json.load(f)
+  export_manifest = {
+    "checkpoint_step": model.step,
+    "eval_metrics": model.metrics,
+    "config": model.config.to_dict(),
+    "data_spec": model.data_spec,
+    "data_fingerprint": run_manifest.get("data_fingerprint"),
+    "git": run_manifest.get("git"),
+    "training_packages": run_manifest.get("packages"),
+    "workdir": os.path.abspath(workdir),
+    "signatures": {s.name: s.doc for s in signature_list},
+    "parity_max_relative_error": errors,
+    "export": compatibility.export_info(platforms),
+  }
+  with open(os.path.join(extra, "manifest.json"), "w") as f:
+    json.dump(export_manifest, f, indent=2, sort_keys=True, default=str)
+
+
+def _write_warmup_requests(path: str, signature_list) -> None:
+  import tensorflow as tf
+  from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+  with tf.io.TFRecordWriter(path) as writer:
+    for s in signature_list:
+      request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=s.name))
+      for name, value in s.golden_inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value[:NUM_WARMUP]))
+      log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+      )
+      writer.write(log.SerializeToString())
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run to export.")
+_EXPORT_BASE = flags.DEFINE_string("export_base", None, "Model base path; versions go below it.")
+_VERSION = flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
+_STEP = flags.DEFINE_string("step", "latest", "latest, best (by eval.best_metric) or a step.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+  "max_new_tokens", 32, "Language models: tokens `generate` emits."
+)
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu"], "Platforms to serialize for: cpu, cuda, tpu.")
+_CALLING_CONVENTION = flags.DEFINE_integer(
+  "calling_convention_version",
+  None,
+  "XlaCallModule calling convention to serialize with (9 for TF Serving 2.16-2.19); default: JAX's.",
+)
+_CHECK_TF_SERVING = flags.DEFINE_string(
+  "check_tf_serving", None, "A TF Serving release (e.g. 2.19): can it run the export?"
+)
+_SAVED_MODEL = flags.DEFINE_string(
+  "saved_model", None, "With --check_tf_serving alone: the exported version directory to check."
+)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  log_filter.quiet_library_info_logs()
+  try:
+    if _CHECK_TF_SERVING.value and not _WORKDIR.value:
+      if not _SAVED_MODEL.value:
+        raise ConfigError(
+          "--check_tf_serving needs --saved_model=<export dir> (or an export to run)"
+        )
+      _print_compatibility(_SAVED_MODEL.value, _CHECK_TF_SERVING.value)
+      return
+    if not _WORKDIR.value or not _EXPORT_BASE.value:
+      raise ConfigError("--workdir and --export_base are required")
+    result = export(
+      _WORKDIR.value,
+      _EXPORT_BASE.value,
+      step=_STEP.value,
+      version=_VERSION.value,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      platforms=tuple(_PLATFORMS.value),
+      calling_convention_version=_CALLING_CONVENTION.value,
+    )
+  except (ConfigError, parity.ParityError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"exported step {result.step} to {result.path} in {result.seconds:.1f} s")
+  print(f"signatures: {', '.join(result.signatures)}")
+  print(
+    "parity (max relative error): " + ", ".join(f"{k} {v:.2e}" for k, v in result.parity.items())
+  )
+  if _CHECK_TF_SERVING.value:
+    _print_compatibility(result.path, _CHECK_TF_SERVING.value)
+
+
+def _print_compatibility(path: str, release: str) -> None:
+  verdict = compatibility.check_saved_model(path, release)
+  print(verdict.message)
+  if not verdict.compatible:
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
