@@ -81,7 +81,7 @@ def export(
       f"{final_path} already exists; versions are never overwritten. Omit --version to take "
       f"the next one ({next_version(export_base)})"
     )
-  signature_list = _signatures(model, max_new_tokens)
+  signature_list = build_signatures(model, max_new_tokens)
   tmp_path = tempfile.mkdtemp(prefix=f".export-{version}-", dir=export_base)
   try:
     with _calling_convention(calling_convention_version):
@@ -128,7 +128,9 @@ class _calling_convention:
     jax.config.update("jax_export_calling_convention_version", self.previous)
 
 
-def _signatures(model: inference.InferenceModel, max_new_tokens: int) -> list[signatures.Signature]:
+def build_signatures(
+  model: inference.InferenceModel, max_new_tokens: int
+) -> list[signatures.Signature]:
   golden = _golden_inputs(model)
   if model.data_spec["kind"] == "language_model":
     return signatures.language_model_signatures(model, golden, max_new_tokens=max_new_tokens)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers.checkpoints import restore_latest
 from tests.helpers.configs import smoke_config
 from trainer import checkpointing, distributed, input_pipeline, train
 
@@ -101,25 +102,6 @@ def _tensorboard_losses(workdir):
   return {e.step: e.value for e in events.Scalars("train/loss")}
 
 
-def _restore(config, workdir, devices=None):
-  experiment = train.build_experiment(config, devices)
-  checkpointer = checkpointing.Checkpointer(
-    str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
-  )
-  iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=True,
-    worker_threads=0,
-    prefetch_batches=1,
-    sharding=experiment.batch_sharding,
-  )
-  state, _ = checkpointer.restore(checkpointer.latest_step(), experiment.abstract_state, iterator)
-  checkpointer.close()
-  return jax.device_get(state.params)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """The smoke config trained by 2 processes x 4 devices and by 1 process x 8 devices."""
@@ -139,8 +121,8 @@ def test_two_processes_match_one_process(runs):
   config = smoke_config(OVERRIDES)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-    _restore(config, root / "two"),
-    _restore(config, root / "one"),
+    restore_latest(config, root / "two")[1].params,
+    restore_latest(config, root / "one")[1].params,
   )
 
 

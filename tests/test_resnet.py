@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import resnet as resnet_config
-from trainer import checkpointing, train
+from tests.helpers.checkpoints import restore_latest
+from trainer import train
 
 
 def _config(**mesh):
@@ -51,22 +52,8 @@ def test_batch_stats_are_trained_and_checkpointed(tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   experiment = train.build_experiment(config)
   initial = jax.device_get(experiment.init_state(jax.random.PRNGKey(0)))
-  checkpointer = checkpointing.Checkpointer(
-    str(tmp_path), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
-  )
-  from trainer import input_pipeline
-
-  iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=0,
-    shuffle=True,
-    worker_threads=0,
-    prefetch_batches=1,
-    sharding=experiment.batch_sharding,
-  )
-  state, _ = checkpointer.restore(5, experiment.abstract_state, iterator)
-  checkpointer.close()
+  step, state, _ = restore_latest(config, tmp_path)
+  assert step == 5
   assert "batch_stats" in state.model_state
   before = initial.model_state["batch_stats"]["BatchNorm_0"]["mean"]
   after = jax.device_get(state.model_state["batch_stats"]["BatchNorm_0"]["mean"])

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers.checkpoints import restore_latest
 from tests.helpers.configs import smoke_config
-from trainer import checkpointing, input_pipeline, train
+from trainer import checkpointing, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every 4 steps a checkpoint; evals (and best-checkpoint saves) only at the end.
@@ -23,27 +24,6 @@ OVERRIDES = {
   "checkpoint.keep_last": 5,
   "model.dropout_rate": 0.1,  # Per-step randomness must resume exactly too.
 }
-
-
-def _final_params(config, workdir):
-  """The parameters and data-iterator state of the latest checkpoint in `workdir`."""
-  experiment = train.build_experiment(config)
-  checkpointer = checkpointing.Checkpointer(
-    str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
-  )
-  iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=True,
-    worker_threads=0,
-    prefetch_batches=1,
-    sharding=experiment.batch_sharding,
-  )
-  step = checkpointer.latest_step()
-  state, _ = checkpointer.restore(step, experiment.abstract_state, iterator)
-  checkpointer.close()
-  return step, jax.device_get(state), iterator.get_state()
 
 
 def _run(args, **kwargs):
@@ -73,8 +53,8 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
 
   resumed = train.train_and_evaluate(smoke_config(OVERRIDES), str(killed))
   assert resumed.step == 12
-  step_a, state_a, data_a = _final_params(config, tmp_path / "straight")
-  step_b, state_b, data_b = _final_params(config, killed)
+  step_a, state_a, data_a = restore_latest(config, tmp_path / "straight")
+  step_b, state_b, data_b = restore_latest(config, killed)
   assert step_a == step_b == 12
   assert data_a == data_b  # The data stream continued where the checkpoint left it.
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)  # Bitwise.
