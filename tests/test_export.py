@@ -202,6 +202,14 @@ def test_older_calling_convention_runs_on_older_servers(digits_run, tmp_path):
   assert not compatibility.check_saved_model(result.path, "2.15").compatible
 
 
+def test_bfloat16_model_passes_the_bfloat16_gate(tmp_path):
+  config = smoke_config({"model.dtype": "bfloat16", "train.num_steps": 10})
+  train.train_and_evaluate(config, str(tmp_path / "run"), jax.devices()[:1])
+  result = export.export(str(tmp_path / "run"), str(tmp_path / "models"))
+  worst = result.parity["serving_default/probabilities"]
+  assert worst <= parity.TOLERANCE["bfloat16"]
+
+
 def test_language_model_export(tmp_path):
   config = lm_config.get_config("smoke")
   config.data.worker_threads = 0

@@ -239,8 +239,13 @@ def test_a_dead_process_makes_the_others_fail(tmp_path):
   assert procs[0].returncode != 0
   assert time.monotonic() - start < 120
   assert any(word in output.lower() for word in ("heartbeat", "unavailable", "failed", "error"))
-  # What remains is a set of complete checkpoints to resume from.
-  assert checkpointing.existing_steps(str(tmp_path))
+  # What remains is a set of complete checkpoints; the restarted job resumes from the last one.
+  saved = checkpointing.existing_steps(str(tmp_path))
+  assert saved
+  resumed = train.train_and_evaluate(
+    smoke_config({**long_run, "train.num_steps": saved[-1] + 2}), str(tmp_path)
+  )
+  assert resumed.step == saved[-1] + 2
 
 
 def test_slurm_environment_is_detected(tmp_path):
