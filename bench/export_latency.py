@@ -34,6 +34,7 @@ _CALLS = flags.DEFINE_integer("calls", 200, "Timed calls per function.")
 
 def _digits_config():
   config = digits_cnn.get_config()
+  config.optim.warmup_steps = 10
   config.train.num_steps = 50
   config.eval.every_steps = 50
   config.checkpoint.every_steps = 50
