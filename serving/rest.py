@@ -56,7 +56,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
   server: _Server
   protocol_version = "HTTP/1.1"
 
-  def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+  def log_message(self, format, *args):
     logging.debug("REST %s: " + format, self.address_string(), *args)
 
   def do_GET(self):
