@@ -15,6 +15,7 @@ import base64
 import http.server
 import json
 import re
+import threading
 import time
 
 import grpc
@@ -50,11 +51,18 @@ class _Server(http.server.ThreadingHTTPServer):
     self.manager = manager
     self.metrics = metrics
     self.max_request_size_bytes = max_request_size_bytes
+    self.shutting_down = threading.Event()
+
+  def shutdown(self):
+    self.shutting_down.set()  # Connections close after their current request.
+    super().shutdown()
 
 
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
   server: _Server
   protocol_version = "HTTP/1.1"
+  # Seconds an idle keep-alive connection is held open (shutdown waits for open connections).
+  timeout = 10
 
   def log_message(self, format, *args):
     logging.debug("REST %s: " + format, self.address_string(), *args)
@@ -119,6 +127,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     self.send_response(http_status)
     self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(payload)))
+    if self.server.shutting_down.is_set():
+      self.send_header("Connection", "close")
+      self.close_connection = True
     self.end_headers()
     self.wfile.write(payload)
 
