@@ -244,10 +244,12 @@ def _to_array(name: str, value, spec: TensorSpec | None) -> np.ndarray:
   if spec is None:
     return array
   target = tf.as_dtype(spec.dtype)
-  compatible = array.dtype.kind == "b" or (
-    array.dtype.kind in "iu" and (target.is_integer or target.is_floating)
+  kind = array.dtype.kind
+  compatible = (
+    (kind == "b" and target.is_bool)
+    or (kind in "iu" and (target.is_integer or target.is_floating))
+    or (kind == "f" and target.is_floating)
   )
-  compatible |= array.dtype.kind == "f" and target.is_floating
   if not compatible:
     raise ServingError(
       grpc.StatusCode.INVALID_ARGUMENT,

@@ -374,6 +374,22 @@ def test_rest_rejects_oversized_bodies_before_reading_them(server):
   assert b"--max_request_size_bytes" in response
 
 
+@pytest.mark.parametrize("name", ["../digits", "/etc", "", ".hidden", "a/b", "x" * 129])
+def test_model_names_that_could_leave_the_base_path_are_rejected(name, tmp_path):
+  with pytest.raises(ValueError, match="is not a valid model name"):
+    model_manager.ModelManager(name, str(tmp_path))
+
+
+def test_rest_dtype_checks():
+  float_spec = model_manager.TensorSpec(dtype=tf.float32.as_datatype_enum, shape=(-1,))
+  int_spec = model_manager.TensorSpec(dtype=tf.int32.as_datatype_enum, shape=(-1,))
+  assert rest._to_array("x", [1, 2], float_spec).dtype == np.float32
+  for value, spec in (([1.5], int_spec), ([True], float_spec), (["a"], float_spec)):
+    with pytest.raises(model_manager.ServingError, match="but the signature expects") as error:
+      rest._to_array("x", value, spec)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_b64_values_become_bytes():
   spec = model_manager.TensorSpec(dtype=tf.string.as_datatype_enum, shape=(-1,))
   array = rest._to_array("text", [{"b64": "aGk="}, {"b64": "eW8="}], spec)
