@@ -113,7 +113,14 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     self._send(_HTTP_STATUS.get(code, 500), json.dumps(result).encode(), "application/json")
 
   def _read_body(self) -> bytes:
-    length = int(self.headers.get("Content-Length") or 0)
+    header = self.headers.get("Content-Length") or "0"
+    if not header.isdigit() or "Transfer-Encoding" in self.headers:
+      self.close_connection = True  # Where this body ends is unknown: drop the connection.
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"send the body with a Content-Length (got {header!r}; chunked bodies are not supported)",
+      )
+    length = int(header)
     if length > self.server.max_request_size_bytes:
       self.close_connection = True  # Not read: the connection cannot be reused.
       raise ServingError(

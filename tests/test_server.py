@@ -363,15 +363,24 @@ def test_rest_bad_requests(server, method, path, body, http_status, message):
   assert status == 200 and len(result["predictions"]) == 1
 
 
-def test_rest_rejects_oversized_bodies_before_reading_them(server):
+def _raw_http(server, head: bytes) -> bytes:
   with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as conn:
-    conn.sendall(
-      b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-      + f"Content-Length: {MAX_REQUEST_BYTES + 1}\r\n\r\n".encode()
-    )
-    response = conn.makefile("rb").read()  # The server answers and closes: no body was sent.
-  assert response.startswith(b"HTTP/1.1 413"), response[:200]
-  assert b"--max_request_size_bytes" in response
+    conn.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    return conn.makefile("rb").read()  # The server answers and closes: no body was sent.
+
+
+@pytest.mark.parametrize(
+  "head, answer",
+  [
+    (f"Content-Length: {MAX_REQUEST_BYTES + 1}\r\n".encode(), b"HTTP/1.1 413"),
+    (b"Content-Length: -5\r\n", b"HTTP/1.1 400"),
+    (b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 400"),
+  ],
+)
+def test_rest_rejects_bodies_it_cannot_or_should_not_read(server, head, answer):
+  response = _raw_http(server, head)
+  assert response.startswith(answer), response[:200]
+  assert b"max_request_size_bytes" in response or b"Content-Length" in response
 
 
 @pytest.mark.parametrize("name", ["../digits", "/etc", "", ".hidden", "a/b", "x" * 129])
