@@ -30,6 +30,7 @@ from tensorflow_serving.apis import (  # noqa: E402
   prediction_service_pb2_grpc,
 )
 
+from configs import lm as lm_config  # noqa: E402
 from serving import export, inference, model_manager, rest  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from trainer import train  # noqa: E402
@@ -47,8 +48,9 @@ def _free_port() -> int:
 
 
 class Server:
-  def __init__(self, base: str, log_path: str):
+  def __init__(self, base: str, log_path: str, model_name: str = "digits"):
     self.base = base
+    self.model_name = model_name
     self.grpc_port, self.rest_port = _free_port(), _free_port()
     self.log_path = log_path
     self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -60,7 +62,7 @@ class Server:
         f"--port={self.grpc_port}",
         f"--rest_api_port={self.rest_port}",
         "--host=127.0.0.1",
-        "--model_name=digits",
+        f"--model_name={model_name}",
         f"--model_base_path={base}",
         f"--file_system_poll_wait_seconds={POLL_SECONDS}",
         f"--max_request_size_bytes={MAX_REQUEST_BYTES}",
@@ -81,7 +83,7 @@ class Server:
     while time.monotonic() < deadline:
       assert self.proc.poll() is None, f"server exited:\n{self.log_tail()}"
       try:
-        if self.get("/v1/models/digits")[0] == 200:
+        if self.get(f"/v1/models/{self.model_name}")[0] == 200:
           return
       except OSError:
         pass
@@ -148,7 +150,7 @@ def expected(digits_run, pixels):
   return {"probabilities": np.asarray(jax.nn.softmax(logits)), "classes": np.argmax(logits, -1)}
 
 
-def _predict_request(inputs, **spec) -> predict_pb2.PredictRequest:
+def _predict_request(inputs, input_name="inputs", **spec) -> predict_pb2.PredictRequest:
   request = predict_pb2.PredictRequest()
   request.model_spec.name = spec.pop("name", "digits")
   if "version" in spec:
@@ -158,7 +160,7 @@ def _predict_request(inputs, **spec) -> predict_pb2.PredictRequest:
   request.model_spec.signature_name = spec.pop("signature_name", "")
   request.output_filter.extend(spec.pop("output_filter", []))
   assert not spec, spec
-  request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(inputs))
+  request.inputs[input_name].CopyFrom(tf.make_tensor_proto(inputs))
   return request
 
 
@@ -582,3 +584,60 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
   assert server.proc.wait(timeout=60) == 0, server.log_tail()
   with pytest.raises(OSError):
     socket.create_connection(("127.0.0.1", server.rest_port), timeout=5).close()
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory):
+  """A language model (int32 tokens; signatures serving_default and generate) behind a server."""
+  root = tmp_path_factory.mktemp("lm")
+  config = lm_config.get_config("smoke")
+  config.data.worker_threads = 0
+  config.data.max_bytes = 60_000
+  config.data.eval_every_documents = 4
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, str(root / "run"), jax.devices()[:1])
+  export.export(str(root / "run"), str(root / "models"), max_new_tokens=5)
+  server = Server(str(root / "models"), str(root / "server.log"), model_name="lm")
+  try:
+    server.wait_ready()
+    yield server, inference.load(str(root / "run")), str(root / "models" / "1")
+  finally:
+    server.stop()
+
+
+def test_language_model_signatures_over_grpc_and_rest(lm_server):
+  server, model, path = lm_server
+  prompt = np.array([list(b"def main():\n  ret"), list(b"import numpy as n")], np.int32)
+  response = server.predict_stub.Predict(
+    _predict_request(prompt, input_name="tokens", name="lm"), timeout=30
+  )
+  expected = jax.nn.log_softmax(model.model.apply(model.variables, prompt)[:, -1, :259])
+  np.testing.assert_allclose(
+    tf.make_ndarray(response.outputs["log_probs"]), expected, rtol=1e-5, atol=1e-5
+  )
+
+  generated = tf.saved_model.load(path).signatures["generate"](tokens=tf.constant(prompt))
+  response = server.predict_stub.Predict(
+    _predict_request(prompt, input_name="tokens", name="lm", signature_name="generate"), timeout=30
+  )
+  assert response.model_spec.signature_name == "generate"
+  np.testing.assert_array_equal(
+    tf.make_ndarray(response.outputs["tokens"]), generated["tokens"].numpy()
+  )
+  body = {"signature_name": "generate", "inputs": {"tokens": prompt.tolist()}}
+  status, result = server.request("POST", "/v1/models/lm:predict", json.dumps(body).encode())
+  assert status == 200, result
+  assert result["outputs"] == generated["tokens"].numpy().tolist()
+
+  body = {"signature_name": "generate", "instances": (prompt + 0.5).tolist()}
+  status, result = server.request("POST", "/v1/models/lm:predict", json.dumps(body).encode())
+  assert status == 400 and "expects int32" in result["error"]
+  with pytest.raises(grpc.RpcError) as error:
+    server.predict_stub.Predict(
+      _predict_request(prompt.astype(np.float32), input_name="tokens", name="lm"), timeout=30
+    )
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  status, metadata = server.get("/v1/models/lm/metadata")
+  assert {"serving_default", "generate"} <= set(
+    metadata["metadata"]["signature_def"]["signature_def"]
+  )
