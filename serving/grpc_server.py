@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.metrics import Metrics
-from serving.model_manager import ModelManager, ServingError
+from serving.model_manager import ModelRegistry, ServingError
 
 # tensorflow.error.Code of a version whose load failed.
 _ERROR_UNKNOWN = 2
@@ -44,7 +44,7 @@ class _Handler:
   """Runs one RPC: maps ServingError to its status code, anything else to INTERNAL, and records
   metrics. A failure never outlives its request."""
 
-  def __init__(self, manager: ModelManager, metrics: Metrics):
+  def __init__(self, manager: ModelRegistry, metrics: Metrics):
     self.manager = manager
     self.metrics = metrics
 
@@ -136,7 +136,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def build(
-  manager: ModelManager,
+  manager: ModelRegistry,
   metrics: Metrics,
   address: str,
   *,

@@ -11,8 +11,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class Metrics:
   """One registry per server (no global state); thread-safe, as prometheus_client is."""
 
-  def __init__(self, model_name: str):
-    self.model_name = model_name
+  def __init__(self, model_names: list[str]):
+    self.model_names = frozenset(model_names)
     self.registry = prom.CollectorRegistry()
     self.requests = prom.Counter(
       "serving_requests",
@@ -32,7 +32,7 @@ class Metrics:
     self, api: str, method: str, model: str, version: int | None, code: str, seconds: float
   ) -> None:
     # Names from requests are not labels: an attacker could grow the series without bound.
-    model = model if model == self.model_name else "unknown"
+    model = model if model in self.model_names else "unknown"
     version_label = "" if version is None else str(version)
     self.requests.labels(api, method, model, version_label, code).inc()
     self.latency.labels(api, method, model, version_label).observe(seconds)

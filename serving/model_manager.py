@@ -181,6 +181,31 @@ def _check_inputs(signature: SignatureInfo, inputs: dict[str, np.ndarray]) -> No
       )
 
 
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+  """TF Serving's ServableVersionPolicy: `latest` (the newest `num_versions`), `all`, or
+  `specific` (the listed `versions`, those on disk)."""
+
+  kind: str = "latest"
+  num_versions: int = 1
+  versions: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.kind not in ("latest", "all", "specific"):
+      raise ValueError(f"version policy {self.kind!r} is not one of latest, all, specific")
+    if self.kind == "latest" and self.num_versions < 1:
+      raise ValueError(f"latest {{num_versions: {self.num_versions}}} must be at least 1")
+    if self.kind == "specific" and not self.versions:
+      raise ValueError("a specific version policy needs at least one version")
+
+  def aspired(self, on_disk: set[int]) -> set[int]:
+    if self.kind == "all":
+      return set(on_disk)
+    if self.kind == "specific":
+      return on_disk & set(self.versions)
+    return set(sorted(on_disk)[-self.num_versions :])
+
+
 @dataclasses.dataclass
 class VersionStatus:
   version: int
@@ -190,7 +215,7 @@ class VersionStatus:
 
 
 class ModelManager:
-  """Serves one model: `name` -> versions under `base_path`.
+  """Serves one model: `name` -> the versions under `base_path` that `version_policy` chooses.
 
   Call `poll()` once to load what is there (blocking), then `start()` to poll every
   `poll_wait_seconds` in a background thread; `stop()` ends polling. Lookups are thread-safe.
@@ -203,6 +228,7 @@ class ModelManager:
     *,
     poll_wait_seconds: float = 1.0,
     version_labels: dict[str, int] | None = None,
+    version_policy: VersionPolicy = VersionPolicy(),
   ):
     if not _MODEL_NAME.match(name):
       raise ValueError(
@@ -213,6 +239,7 @@ class ModelManager:
     self.base_path = os.path.abspath(base_path)
     self.poll_wait_seconds = poll_wait_seconds
     self.version_labels = dict(version_labels or {})
+    self.version_policy = version_policy
     self._lock = threading.Lock()
     self._served: dict[int, LoadedVersion] = {}
     self._status: dict[int, VersionStatus] = {}
@@ -288,7 +315,8 @@ class ModelManager:
         logging.exception("Polling %s failed", self.base_path)
 
   def poll(self) -> None:
-    """One pass: load the newest version (then unload the one it replaces); unload removed ones."""
+    """One pass: load the versions the policy aspires to (newest first), then unload the others
+    once one aspired version serves; unload versions removed from disk."""
     try:
       on_disk = {int(d) for d in os.listdir(self.base_path) if d.isdigit()}
     except OSError as e:
@@ -303,9 +331,13 @@ class ModelManager:
     candidates = on_disk - failed
     if not candidates:
       return
-    latest = max(candidates)
-    if latest not in self._served and self._load(latest):
-      self._unload(set(self._served) - {latest}, reason=f"replaced by version {latest}")
+    aspired = self.version_policy.aspired(candidates)
+    for version in sorted(aspired - set(self._served), reverse=True):
+      self._load(version)
+    if aspired & set(self._served):  # Availability preserving: never unload the last one.
+      self._unload(
+        set(self._served) - aspired, reason=f"not in the aspired versions {sorted(aspired)}"
+      )
 
   def _load(self, version: int) -> bool:
     path = os.path.join(self.base_path, str(version))
@@ -342,3 +374,40 @@ class ModelManager:
   def _set_status(self, version: int, state: str, error: str = "") -> None:
     with self._lock:
       self._status[version] = VersionStatus(version, state, error)
+
+
+class ModelRegistry:
+  """The models a server serves, by name; the same lookups as a ModelManager."""
+
+  def __init__(self, managers: list[ModelManager]):
+    self.managers = {m.name: m for m in managers}
+    if len(self.managers) != len(managers):
+      raise ValueError(f"model names repeat: {sorted(m.name for m in managers)}")
+    bases = [m.base_path for m in managers]
+    if len(set(bases)) != len(bases):
+      raise ValueError(f"models share a base path: {sorted(bases)}")
+
+  def _get(self, name: str, message: str) -> ModelManager:
+    if name not in self.managers:
+      raise ServingError(grpc.StatusCode.NOT_FOUND, message)
+    return self.managers[name]
+
+  def resolve(self, name: str, version: int | None = None, label: str = "") -> LoadedVersion:
+    manager = self._get(name, f"Servable not found for request: {name!r}")
+    return manager.resolve(name, version, label)
+
+  def status(self, name: str, version: int | None = None, label: str = "") -> list[VersionStatus]:
+    manager = self._get(name, f"Could not find any versions of model {name}")
+    return manager.status(name, version, label)
+
+  def poll(self) -> None:
+    for manager in self.managers.values():
+      manager.poll()
+
+  def start(self) -> None:
+    for manager in self.managers.values():
+      manager.start()
+
+  def stop(self) -> None:
+    for manager in self.managers.values():
+      manager.stop()

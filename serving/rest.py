@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from serving.metrics import Metrics
-from serving.model_manager import ModelManager, ServingError, TensorSpec
+from serving.model_manager import ModelRegistry, ServingError, TensorSpec
 
 _ROUTE = re.compile(
   r"^/v1/models/(?P<name>[^/:]+)"
@@ -46,7 +46,7 @@ class _Server(http.server.ThreadingHTTPServer):
   daemon_threads = False
   block_on_close = True
 
-  def __init__(self, address, manager: ModelManager, metrics: Metrics, max_request_size_bytes):
+  def __init__(self, address, manager: ModelRegistry, metrics: Metrics, max_request_size_bytes):
     super().__init__(address, _RequestHandler)
     self.manager = manager
     self.metrics = metrics
@@ -141,7 +141,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     self.wfile.write(payload)
 
 
-def status(manager: ModelManager, name: str, version: int | None, label: str) -> dict:
+def status(manager: ModelRegistry, name: str, version: int | None, label: str) -> dict:
   return {
     "model_version_status": [
       {
@@ -154,7 +154,7 @@ def status(manager: ModelManager, name: str, version: int | None, label: str) ->
   }
 
 
-def metadata(manager: ModelManager, name: str, version: int | None, label: str):
+def metadata(manager: ModelRegistry, name: str, version: int | None, label: str):
   from google.protobuf import json_format
   from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -171,7 +171,7 @@ def metadata(manager: ModelManager, name: str, version: int | None, label: str):
   return result, served.version
 
 
-def predict(manager: ModelManager, name: str, version: int | None, label: str, body: bytes):
+def predict(manager: ModelRegistry, name: str, version: int | None, label: str, body: bytes):
   """Row format ({"instances": [...]} -> {"predictions": [...]}) or columnar ({"inputs": ...}
   -> {"outputs": ...}), as TF Serving's REST API."""
   try:
@@ -291,7 +291,7 @@ def _rows(outputs: dict[str, np.ndarray]) -> list:
 
 
 def build(
-  manager: ModelManager, metrics: Metrics, host: str, port: int, *, max_request_size_bytes: int
+  manager: ModelRegistry, metrics: Metrics, host: str, port: int, *, max_request_size_bytes: int
 ) -> http.server.ThreadingHTTPServer:
   """A bound (not yet serving) REST server; call `serve_forever()` in a thread."""
   return _Server((host, port), manager, metrics, max_request_size_bytes)

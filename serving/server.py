@@ -24,6 +24,13 @@ _MODEL_NAME = flags.DEFINE_string("model_name", "default", "Name the model is se
 _MODEL_BASE_PATH = flags.DEFINE_string(
   "model_base_path", None, "Directory of numeric version directories (an export base)."
 )
+_MODEL_CONFIG_FILE = flags.DEFINE_string(
+  "model_config_file",
+  None,
+  "A text ModelServerConfig (model_config_list: name, base_path, model_version_policy, "
+  "version_labels) serving several models; replaces --model_name and --model_base_path. Read "
+  "once at start.",
+)
 _POLL_WAIT = flags.DEFINE_float(
   "file_system_poll_wait_seconds", 1.0, "Seconds between polls of the base path for versions."
 )
@@ -54,27 +61,43 @@ def _parse_labels(pairs: list[str]) -> dict[str, int]:
   return labels
 
 
+def _model_registry():
+  from serving import model_config, model_manager
+
+  if _MODEL_CONFIG_FILE.value and _MODEL_BASE_PATH.value:
+    raise app.UsageError("give --model_config_file or --model_base_path, not both")
+  if not _MODEL_CONFIG_FILE.value and not _MODEL_BASE_PATH.value:
+    raise app.UsageError("--model_base_path (or --model_config_file) is required")
+  try:
+    if _MODEL_CONFIG_FILE.value:
+      if _VERSION_LABELS.value:
+        raise ValueError("with --model_config_file, version labels go in the file")
+      managers = model_config.read(_MODEL_CONFIG_FILE.value, poll_wait_seconds=_POLL_WAIT.value)
+    else:
+      managers = [
+        model_manager.ModelManager(
+          _MODEL_NAME.value,
+          _MODEL_BASE_PATH.value,
+          poll_wait_seconds=_POLL_WAIT.value,
+          version_labels=_parse_labels(_VERSION_LABELS.value),
+        )
+      ]
+    return model_manager.ModelRegistry(managers)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _MODEL_BASE_PATH.value:
-    raise app.UsageError("--model_base_path is required")
-  from serving import grpc_server, metrics, model_manager, rest
+  from serving import grpc_server, metrics, rest
 
-  try:
-    manager = model_manager.ModelManager(
-      _MODEL_NAME.value,
-      _MODEL_BASE_PATH.value,
-      poll_wait_seconds=_POLL_WAIT.value,
-      version_labels=_parse_labels(_VERSION_LABELS.value),
-    )
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  server_metrics = metrics.Metrics(manager.name)
-  manager.poll()  # The ports open once the initial version is loaded (or failed).
-  manager.start()
+  registry = _model_registry()
+  server_metrics = metrics.Metrics(list(registry.managers))
+  registry.poll()  # The ports open once the initial versions are loaded (or failed).
+  registry.start()
   grpc, grpc_port = grpc_server.build(
-    manager,
+    registry,
     server_metrics,
     f"{_HOST.value}:{_PORT.value}",
     max_request_size_bytes=_MAX_REQUEST_SIZE.value,
@@ -86,7 +109,7 @@ def main(argv: list[str]) -> None:
   httpd = None
   if _REST_API_PORT.value:
     httpd = rest.build(
-      manager,
+      registry,
       server_metrics,
       _HOST.value,
       _REST_API_PORT.value,
@@ -94,9 +117,8 @@ def main(argv: list[str]) -> None:
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(
-    "Serving %s from %s: gRPC on %s:%d, REST on %s",
-    manager.name,
-    manager.base_path,
+    "Serving %s: gRPC on %s:%d, REST on %s",
+    ", ".join(f"{m.name} from {m.base_path}" for m in registry.managers.values()),
     _HOST.value,
     grpc_port,
     f"{_HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
@@ -113,7 +135,7 @@ def main(argv: list[str]) -> None:
   grpc.stop(grace=_SHUTDOWN_GRACE.value).wait()
   if httpd:
     httpd.server_close()
-  manager.stop()
+  registry.stop()
   logging.info("Stopped")
 
 

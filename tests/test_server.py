@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 
 class Server:
-  def __init__(self, base: str, log_path: str, model_name: str = "digits"):
+  def __init__(self, base: str, log_path: str, model_name: str = "digits", models_args=None):
+    """Serves `base` as `model_name` (labelled stable=1), or what `models_args` configure."""
     self.base = base
     self.model_name = model_name
     self.grpc_port, self.rest_port = _free_port(), _free_port()
@@ -62,11 +63,16 @@ class Server:
         f"--port={self.grpc_port}",
         f"--rest_api_port={self.rest_port}",
         "--host=127.0.0.1",
-        f"--model_name={model_name}",
-        f"--model_base_path={base}",
         f"--file_system_poll_wait_seconds={POLL_SECONDS}",
         f"--max_request_size_bytes={MAX_REQUEST_BYTES}",
-        "--version_labels=stable=1",
+        *(
+          models_args
+          or [
+            f"--model_name={model_name}",
+            f"--model_base_path={base}",
+            "--version_labels=stable=1",
+          ]
+        ),
       ],
       cwd=REPO,
       env=SERVER_ENV,
@@ -562,7 +568,7 @@ def test_load_8_clients_3_seconds_without_errors(server, pixels):
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
-  """Runs last: it stops the module's server."""
+  """Stops the module's digits server (the tests after it use only its files)."""
   body = json.dumps({"instances": [ROW] * 4}).encode()
   with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as conn:
     conn.sendall(
@@ -587,9 +593,12 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
 
 
 @pytest.fixture(scope="module")
-def lm_server(tmp_path_factory):
-  """A language model (int32 tokens; signatures serving_default and generate) behind a server."""
+def lm_server(server, tmp_path_factory):
+  """A server of two models from a --model_config_file: a language model (int32 tokens;
+  signatures serving_default and generate) and digits with versions 1 and 2 both served."""
   root = tmp_path_factory.mktemp("lm")
+  for version in ("1", "2"):
+    shutil.copytree(os.path.join(server.base, "1"), root / "digits" / version)
   config = lm_config.get_config("smoke")
   config.data.worker_threads = 0
   config.data.max_bytes = 60_000
@@ -597,7 +606,24 @@ def lm_server(tmp_path_factory):
   config.train.num_steps = 4
   train.train_and_evaluate(config, str(root / "run"), jax.devices()[:1])
   export.export(str(root / "run"), str(root / "models"), max_new_tokens=5)
-  server = Server(str(root / "models"), str(root / "server.log"), model_name="lm")
+  (root / "models.config").write_text(
+    f"""model_config_list {{
+      config {{ name: "lm" base_path: "{root / "models"}" model_platform: "tensorflow" }}
+      config {{
+        name: "digits"
+        base_path: "{root / "digits"}"
+        model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+        version_labels {{ key: "stable" value: 1 }}
+        version_labels {{ key: "canary" value: 2 }}
+      }}
+    }}"""
+  )
+  server = Server(
+    str(root / "models"),
+    str(root / "server.log"),
+    model_name="lm",
+    models_args=[f"--model_config_file={root / 'models.config'}"],
+  )
   try:
     server.wait_ready()
     yield server, inference.load(str(root / "run")), str(root / "models" / "1")
@@ -641,3 +667,60 @@ def test_language_model_signatures_over_grpc_and_rest(lm_server):
   assert {"serving_default", "generate"} <= set(
     metadata["metadata"]["signature_def"]["signature_def"]
   )
+
+
+def test_model_config_file_serves_several_models_and_versions(lm_server, pixels, expected):
+  server = lm_server[0]
+  versions = {}
+  for spec in ({"version": 1}, {"version_label": "canary"}, {}):
+    response = server.predict_stub.Predict(_predict_request(pixels[:3], **spec), timeout=30)
+    _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected, slice(3))
+    versions[str(spec)] = response.model_spec.version.value
+  assert list(versions.values()) == [1, 2, 2]
+  status, result = server.get("/v1/models/digits")
+  assert [(v["version"], v["state"]) for v in result["model_version_status"]] == [
+    ("1", "AVAILABLE"),
+    ("2", "AVAILABLE"),
+  ]
+  status, result = server.request(
+    "POST",
+    "/v1/models/digits/labels/stable:predict",
+    json.dumps({"instances": pixels[:1].tolist()}).encode(),
+  )
+  assert status == 200 and len(result["predictions"]) == 1
+  assert server.get("/v1/models/nope")[0] == 404
+
+
+@pytest.mark.parametrize(
+  "kind, num_versions, versions, on_disk, aspired",
+  [
+    ("latest", 1, (), {1, 2, 3}, {3}),
+    ("latest", 2, (), {1, 2, 3}, {2, 3}),
+    ("all", 1, (), {1, 5}, {1, 5}),
+    ("specific", 1, (1, 4), {1, 2, 3}, {1}),
+  ],
+)
+def test_version_policies(kind, num_versions, versions, on_disk, aspired):
+  policy = model_manager.VersionPolicy(kind, num_versions=num_versions, versions=versions)
+  assert policy.aspired(on_disk) == aspired
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("model_config_list {}", "has no model_config_list"),
+    ("model_config_list { config { name: 'a' } }", "model 'a': base_path is required"),
+    ("model_config_list { config { name: '../a' base_path: '/x' } }", "not a valid model name"),
+    (
+      "model_config_list { config { name: 'a' base_path: '/x' model_platform: 'onnx' } }",
+      "model_platform 'onnx' is not 'tensorflow'",
+    ),
+    ("model_config_list { config { nme: 'a' } }", "is not a text ModelServerConfig"),
+  ],
+)
+def test_bad_model_config_files(text, message, tmp_path):
+  from serving import model_config
+
+  (tmp_path / "models.config").write_text(text)
+  with pytest.raises(ValueError, match=message):
+    model_config.read(str(tmp_path / "models.config"), poll_wait_seconds=1)
