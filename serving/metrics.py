@@ -1,0 +1,41 @@
+"""Prometheus metrics of the model server: requests by outcome, latency, per model and version."""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+# Seconds; a digits request on CPU takes ~1 ms, a language model's `generate` up to seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+  """One registry per server (no global state); thread-safe, as prometheus_client is."""
+
+  def __init__(self, model_names: list[str]):
+    self.model_names = frozenset(model_names)
+    self.registry = prom.CollectorRegistry()
+    self.requests = prom.Counter(
+      "serving_requests",
+      "Requests by API (grpc, rest), method, model, version and status code.",
+      ["api", "method", "model", "version", "code"],
+      registry=self.registry,
+    )
+    self.latency = prom.Histogram(
+      "serving_request_latency_seconds",
+      "Request latency in seconds, from request parsed to response built.",
+      ["api", "method", "model", "version"],
+      buckets=LATENCY_BUCKETS,
+      registry=self.registry,
+    )
+
+  def observe(
+    self, api: str, method: str, model: str, version: int | None, code: str, seconds: float
+  ) -> None:
+    # Names from requests are not labels: an attacker could grow the series without bound.
+    model = model if model in self.model_names else "unknown"
+    version_label = "" if version is None else str(version)
+    self.requests.labels(api, method, model, version_label, code).inc()
+    self.latency.labels(api, method, model, version_label).observe(seconds)
+
+  def exposition(self) -> bytes:
+    return prom.generate_latest(self.registry)

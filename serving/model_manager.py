@@ -1,0 +1,413 @@
+"""Loads, warms up, hot-swaps and unloads the versions of one model under a base path.
+
+The policy is TF Serving's default (`latest 1`, availability preserving): the largest numeric
+version directory is loaded, its warmup records are replayed, and only then is it served; the
+version it replaces is unloaded afterwards. A version whose load or warmup fails is reported with
+its error (state END) and never served; the previous version keeps serving. Requests hold a
+reference to the version they resolved, so unloading never fails a request in flight.
+
+Request fields (model name, version, label, signature) are only ever looked up in maps built from
+the configured base path: nothing in a request becomes a filesystem path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+import time
+
+import grpc
+import numpy as np
+from absl import logging
+
+WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# TF Serving replays at most this many warmup records.
+MAX_WARMUP_RECORDS = 1000
+DEFAULT_SIGNATURE = "serving_default"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+# tensorflow.serving.ModelVersionStatus.State
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+class ServingError(Exception):
+  """A request that cannot be served; `code` is the gRPC status TF Serving would answer."""
+
+  def __init__(self, code: grpc.StatusCode, message: str):
+    super().__init__(message)
+    self.code = code
+    self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  dtype: int  # tensorflow.DataType enum
+  # None for an unknown rank; -1 for an unknown dimension.
+  shape: tuple[int, ...] | None
+
+  def describe(self) -> str:
+    return "unknown rank" if self.shape is None else "[" + ", ".join(map(str, self.shape)) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureInfo:
+  name: str
+  inputs: dict[str, TensorSpec]
+  outputs: dict[str, TensorSpec]
+
+
+class LoadedVersion:
+  """One loaded SavedModel version. Thread-safe: `run` may be called from many threads."""
+
+  def __init__(self, model_name: str, version: int, path: str):
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    self.model_name = model_name
+    self.version = version
+    self.path = path
+    self._tf = tf
+    self._loaded = tf.saved_model.load(path, tags=["serve"])
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+      saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+    meta_graph = next(
+      (m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags),
+      saved_model.meta_graphs[0],
+    )
+    # All SignatureDefs (with __saved_model_init_op), as TF Serving's GetModelMetadata returns them.
+    self.signature_defs = dict(meta_graph.signature_def)
+    self.signatures = {
+      name: SignatureInfo(name, _specs(d.inputs), _specs(d.outputs))
+      for name, d in self.signature_defs.items()
+      if name in self._loaded.signatures
+    }
+
+  def signature(self, name: str) -> SignatureInfo:
+    name = name or DEFAULT_SIGNATURE
+    if name not in self.signatures:
+      raise ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f'Serving signature name: "{name}" not found in signature def; model {self.model_name} '
+        f"version {self.version} has {sorted(self.signatures)}",
+      )
+    return self.signatures[name]
+
+  def run(
+    self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()
+  ) -> dict[str, np.ndarray]:
+    """Validates `inputs` against the signature and runs it. Raises ServingError."""
+    tf = self._tf
+    signature = self.signature(signature_name)
+    _check_inputs(signature, inputs)
+    unknown = sorted(set(output_filter) - set(signature.outputs))
+    if unknown:
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"output tensor alias not found in signature: {', '.join(unknown)}; "
+        f"signature {signature.name} has outputs {sorted(signature.outputs)}",
+      )
+    function = self._loaded.signatures[signature.name]
+    try:
+      result = function(**{k: tf.constant(v) for k, v in inputs.items()})
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+      raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip()) from e
+    wanted = set(output_filter) or set(result)
+    return {k: v.numpy() for k, v in result.items() if k in wanted}
+
+  def warm_up(self) -> int:
+    """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs); returns how many ran."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(self.path, WARMUP_PATH)
+    if not os.path.exists(path):
+      return 0
+    count = 0
+    for record in self._tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+      log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+      if log.WhichOneof("log_type") != "predict_log":
+        raise ValueError(f"warmup record {count} is not a PredictLog; only Predict is supported")
+      request = log.predict_log.request
+      inputs = {k: self._tf.make_ndarray(v) for k, v in request.inputs.items()}
+      self.run(request.model_spec.signature_name, inputs, tuple(request.output_filter))
+      count += 1
+    return count
+
+
+def _specs(tensor_infos) -> dict[str, TensorSpec]:
+  return {
+    name: TensorSpec(
+      info.dtype,
+      None if info.tensor_shape.unknown_rank else tuple(d.size for d in info.tensor_shape.dim),
+    )
+    for name, info in tensor_infos.items()
+  }
+
+
+def _check_inputs(signature: SignatureInfo, inputs: dict[str, np.ndarray]) -> None:
+  import tensorflow as tf
+
+  missing = sorted(set(signature.inputs) - set(inputs))
+  extra = sorted(set(inputs) - set(signature.inputs))
+  if missing or extra:
+    raise ServingError(
+      grpc.StatusCode.INVALID_ARGUMENT,
+      f"signature {signature.name} takes inputs {sorted(signature.inputs)}; "
+      + (f"missing {missing}" if missing else "")
+      + ("; " if missing and extra else "")
+      + (f"unexpected {extra}" if extra else ""),
+    )
+  for name, value in inputs.items():
+    spec = signature.inputs[name]
+    try:
+      dtype = tf.as_dtype(value.dtype)
+    except TypeError:
+      dtype = None
+    if dtype is None or dtype.as_datatype_enum != spec.dtype:
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"input '{name}' has dtype {dtype.name if dtype else value.dtype} but signature "
+        f"{signature.name} expects {tf.as_dtype(spec.dtype).name}",
+      )
+    if spec.shape is not None and (
+      value.ndim != len(spec.shape)
+      or any(d != -1 and d != n for d, n in zip(spec.shape, value.shape, strict=True))
+    ):
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"input '{name}' has shape {list(value.shape)} but signature {signature.name} expects "
+        f"{spec.describe()} (-1: any size)",
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+  """TF Serving's ServableVersionPolicy: `latest` (the newest `num_versions`), `all`, or
+  `specific` (the listed `versions`, those on disk)."""
+
+  kind: str = "latest"
+  num_versions: int = 1
+  versions: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.kind not in ("latest", "all", "specific"):
+      raise ValueError(f"version policy {self.kind!r} is not one of latest, all, specific")
+    if self.kind == "latest" and self.num_versions < 1:
+      raise ValueError(f"latest {{num_versions: {self.num_versions}}} must be at least 1")
+    if self.kind == "specific" and not self.versions:
+      raise ValueError("a specific version policy needs at least one version")
+
+  def aspired(self, on_disk: set[int]) -> set[int]:
+    if self.kind == "all":
+      return set(on_disk)
+    if self.kind == "specific":
+      return on_disk & set(self.versions)
+    return set(sorted(on_disk)[-self.num_versions :])
+
+
+@dataclasses.dataclass
+class VersionStatus:
+  version: int
+  state: str
+  # Empty when OK.
+  error: str = ""
+
+
+class ModelManager:
+  """Serves one model: `name` -> the versions under `base_path` that `version_policy` chooses.
+
+  Call `poll()` once to load what is there (blocking), then `start()` to poll every
+  `poll_wait_seconds` in a background thread; `stop()` ends polling. Lookups are thread-safe.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    base_path: str,
+    *,
+    poll_wait_seconds: float = 1.0,
+    version_labels: dict[str, int] | None = None,
+    version_policy: VersionPolicy = VersionPolicy(),
+  ):
+    if not _MODEL_NAME.match(name):
+      raise ValueError(
+        f"--model_name={name!r} is not a valid model name: use letters, digits, '_', '.', '-' "
+        "(at most 128, not starting with '.' or '-')"
+      )
+    self.name = name
+    self.base_path = os.path.abspath(base_path)
+    self.poll_wait_seconds = poll_wait_seconds
+    self.version_labels = dict(version_labels or {})
+    self.version_policy = version_policy
+    self._lock = threading.Lock()
+    self._served: dict[int, LoadedVersion] = {}
+    self._status: dict[int, VersionStatus] = {}
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  # Lookups (any thread).
+
+  def resolve(self, name: str, version: int | None = None, label: str = "") -> LoadedVersion:
+    """The served version for a request's model spec. Raises ServingError (NOT_FOUND for an
+    unknown model or version, INVALID_ARGUMENT for an unknown label)."""
+    if name != self.name:
+      raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {name!r}")
+    if label:
+      if label not in self.version_labels:
+        raise ServingError(
+          grpc.StatusCode.INVALID_ARGUMENT,
+          f"Unrecognized servable version label: {label}; model {name} has labels "
+          f"{sorted(self.version_labels)}",
+        )
+      version = self.version_labels[label]
+    with self._lock:
+      if version is None:
+        if not self._served:
+          raise ServingError(
+            grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})"
+          )
+        return self._served[max(self._served)]
+      if version not in self._served:
+        raise ServingError(
+          grpc.StatusCode.NOT_FOUND,
+          f"Servable not found for request: Specific({name}, {version}); available: "
+          f"{sorted(self._served)}",
+        )
+      return self._served[version]
+
+  def status(self, name: str, version: int | None = None, label: str = "") -> list[VersionStatus]:
+    """Status of every known version (or one). Raises ServingError like `resolve`."""
+    if name != self.name:
+      raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
+    if label:
+      if label not in self.version_labels:
+        raise ServingError(
+          grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}"
+        )
+      version = self.version_labels[label]
+    with self._lock:
+      statuses = [dataclasses.replace(s) for _, s in sorted(self._status.items())]
+    if version is not None:
+      statuses = [s for s in statuses if s.version == version]
+      if not statuses:
+        raise ServingError(
+          grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}"
+        )
+    return statuses
+
+  # Polling.
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=60)
+
+  def _poll_loop(self) -> None:
+    while not self._stop.wait(self.poll_wait_seconds):
+      try:
+        self.poll()
+      except Exception:  # The poller must outlive any one bad version or filesystem hiccup.
+        logging.exception("Polling %s failed", self.base_path)
+
+  def poll(self) -> None:
+    """One pass: load the versions the policy aspires to (newest first), then unload the others
+    once one aspired version serves; unload versions removed from disk."""
+    try:
+      on_disk = {int(d) for d in os.listdir(self.base_path) if d.isdigit()}
+    except OSError as e:
+      logging.warning("Cannot list --model_base_path=%s: %s", self.base_path, e)
+      on_disk = set()
+    self._unload(set(self._served) - on_disk, reason="removed from disk")
+    with self._lock:
+      for v in set(self._status) - on_disk:  # Forget failed or unloaded versions now gone.
+        if v not in self._served:
+          del self._status[v]
+    failed = {v for v, s in self._status.items() if s.error}
+    candidates = on_disk - failed
+    if not candidates:
+      return
+    aspired = self.version_policy.aspired(candidates)
+    for version in sorted(aspired - set(self._served), reverse=True):
+      self._load(version)
+    if aspired & set(self._served):  # Availability preserving: never unload the last one.
+      self._unload(
+        set(self._served) - aspired, reason=f"not in the aspired versions {sorted(aspired)}"
+      )
+
+  def _load(self, version: int) -> bool:
+    path = os.path.join(self.base_path, str(version))
+    self._set_status(version, LOADING)
+    start = time.perf_counter()
+    try:
+      loaded = LoadedVersion(self.name, version, path)
+      warmup_count = loaded.warm_up()
+    except Exception as e:  # Any failure of a user's SavedModel is that version's error.
+      message = f"{type(e).__name__}: {str(e).strip() or e!r}"
+      logging.error("Loading %s version %d failed: %s", self.name, version, message)
+      self._set_status(version, END, message[:2000])
+      return False
+    with self._lock:
+      self._served[version] = loaded
+      self._status[version] = VersionStatus(version, AVAILABLE)
+    logging.info(
+      "Serving %s version %d (%d warmup requests) after %.1f s",
+      self.name,
+      version,
+      warmup_count,
+      time.perf_counter() - start,
+    )
+    return True
+
+  def _unload(self, versions: set[int], reason: str) -> None:
+    for version in sorted(versions):
+      self._set_status(version, UNLOADING)
+      with self._lock:
+        self._served.pop(version, None)  # Requests in flight keep their own reference.
+        self._status[version] = VersionStatus(version, END)
+      logging.info("Unloaded %s version %d (%s)", self.name, version, reason)
+
+  def _set_status(self, version: int, state: str, error: str = "") -> None:
+    with self._lock:
+      self._status[version] = VersionStatus(version, state, error)
+
+
+class ModelRegistry:
+  """The models a server serves, by name; the same lookups as a ModelManager."""
+
+  def __init__(self, managers: list[ModelManager]):
+    self.managers = {m.name: m for m in managers}
+    if len(self.managers) != len(managers):
+      raise ValueError(f"model names repeat: {sorted(m.name for m in managers)}")
+    bases = [m.base_path for m in managers]
+    if len(set(bases)) != len(bases):
+      raise ValueError(f"models share a base path: {sorted(bases)}")
+
+  def _get(self, name: str, message: str) -> ModelManager:
+    if name not in self.managers:
+      raise ServingError(grpc.StatusCode.NOT_FOUND, message)
+    return self.managers[name]
+
+  def resolve(self, name: str, version: int | None = None, label: str = "") -> LoadedVersion:
+    manager = self._get(name, f"Servable not found for request: {name!r}")
+    return manager.resolve(name, version, label)
+
+  def status(self, name: str, version: int | None = None, label: str = "") -> list[VersionStatus]:
+    manager = self._get(name, f"Could not find any versions of model {name}")
+    return manager.status(name, version, label)
+
+  def poll(self) -> None:
+    for manager in self.managers.values():
+      manager.poll()
+
+  def start(self) -> None:
+    for manager in self.managers.values():
+      manager.start()
+
+  def stop(self) -> None:
+    for manager in self.managers.values():
+      manager.stop()

@@ -1,0 +1,726 @@
+"""The model server in a subprocess on 127.0.0.1: gRPC and REST equal JAX, TF Serving's status
+codes for bad requests, hot swaps without a failed request, a bounded load test, SIGTERM."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow (make install)")
+grpc = pytest.importorskip("grpc", reason="the server needs grpcio (make install)")
+
+from tensorflow_serving.apis import (  # noqa: E402
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  model_service_pb2_grpc,
+  predict_pb2,
+  prediction_service_pb2_grpc,
+)
+
+from configs import lm as lm_config  # noqa: E402
+from serving import export, inference, model_manager, rest  # noqa: E402
+from tests.helpers.configs import smoke_config  # noqa: E402
+from trainer import train  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLL_SECONDS = 0.5
+MAX_REQUEST_BYTES = 1 << 20
+SERVER_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_FLAGS": ""}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  def __init__(self, base: str, log_path: str, model_name: str = "digits", models_args=None):
+    """Serves `base` as `model_name` (labelled stable=1), or what `models_args` configure."""
+    self.base = base
+    self.model_name = model_name
+    self.grpc_port, self.rest_port = _free_port(), _free_port()
+    self.log_path = log_path
+    self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+    self.proc = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "serving.server",
+        f"--port={self.grpc_port}",
+        f"--rest_api_port={self.rest_port}",
+        "--host=127.0.0.1",
+        f"--file_system_poll_wait_seconds={POLL_SECONDS}",
+        f"--max_request_size_bytes={MAX_REQUEST_BYTES}",
+        *(
+          models_args
+          or [
+            f"--model_name={model_name}",
+            f"--model_base_path={base}",
+            "--version_labels=stable=1",
+          ]
+        ),
+      ],
+      cwd=REPO,
+      env=SERVER_ENV,
+      stdout=self.log,
+      stderr=subprocess.STDOUT,
+    )
+    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+    self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+    self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+    self.url = f"http://127.0.0.1:{self.rest_port}"
+
+  def wait_ready(self, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      assert self.proc.poll() is None, f"server exited:\n{self.log_tail()}"
+      try:
+        if self.get(f"/v1/models/{self.model_name}")[0] == 200:
+          return
+      except OSError:
+        pass
+      time.sleep(0.2)
+    raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log_tail()}")
+
+  def log_tail(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()[-4000:]
+
+  def get(self, path: str):
+    return self.request("GET", path)
+
+  def request(self, method: str, path: str, body: bytes | None = None):
+    request = urllib.request.Request(self.url + path, data=body, method=method)
+    try:
+      with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  def stop(self) -> None:
+    self.channel.close()
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+    self.log.close()
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits")
+  train.train_and_evaluate(smoke_config({}), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def server(digits_run, tmp_path_factory):
+  base = tmp_path_factory.mktemp("models") / "digits"
+  export.export(digits_run, str(base))
+  server = Server(str(base), str(tmp_path_factory.mktemp("logs") / "server.log"))
+  try:
+    server.wait_ready()
+    yield server
+  finally:
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+  from sklearn import datasets
+
+  return datasets.load_digits().data[:50].astype(np.float32)  # Raw 0..16 values.
+
+
+@pytest.fixture(scope="module")
+def expected(digits_run, pixels):
+  model = inference.load(digits_run)
+  logits = model.model.apply(model.variables, pixels.reshape(-1, 8, 8, 1) / 16.0, train=False)
+  return {"probabilities": np.asarray(jax.nn.softmax(logits)), "classes": np.argmax(logits, -1)}
+
+
+def _predict_request(inputs, input_name="inputs", **spec) -> predict_pb2.PredictRequest:
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = spec.pop("name", "digits")
+  if "version" in spec:
+    request.model_spec.version.value = spec.pop("version")
+  if "version_label" in spec:  # Setting it, even to "", clears `version` (a oneof).
+    request.model_spec.version_label = spec.pop("version_label")
+  request.model_spec.signature_name = spec.pop("signature_name", "")
+  request.output_filter.extend(spec.pop("output_filter", []))
+  assert not spec, spec
+  request.inputs[input_name].CopyFrom(tf.make_tensor_proto(inputs))
+  return request
+
+
+def _check_outputs(outputs, expected, rows=slice(None)):
+  np.testing.assert_allclose(
+    np.asarray(outputs["probabilities"]), expected["probabilities"][rows], rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_array_equal(np.asarray(outputs["classes"]), expected["classes"][rows])
+
+
+def test_grpc_predict_matches_jax(server, pixels, expected):
+  response = server.predict_stub.Predict(_predict_request(pixels), timeout=30)
+  assert response.model_spec.name == "digits"
+  assert response.model_spec.version.value == 1
+  assert response.model_spec.signature_name == "serving_default"
+  _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected)
+
+  by_label = server.predict_stub.Predict(
+    _predict_request(pixels[:3], version_label="stable", output_filter=["classes"]), timeout=30
+  )
+  assert list(by_label.outputs) == ["classes"] and by_label.model_spec.version.value == 1
+  np.testing.assert_array_equal(
+    tf.make_ndarray(by_label.outputs["classes"]), expected["classes"][:3]
+  )
+
+
+def test_rest_predict_row_and_columnar_match_jax(server, pixels, expected):
+  body = json.dumps({"instances": pixels[:5].tolist()}).encode()
+  status, rows = server.request("POST", "/v1/models/digits:predict", body)
+  assert status == 200, rows
+  _check_outputs(
+    {k: [row[k] for row in rows["predictions"]] for k in ("probabilities", "classes")},
+    expected,
+    slice(5),
+  )
+
+  named_rows = [{"inputs": row} for row in pixels[:2].tolist()]
+  status, result = server.request(
+    "POST", "/v1/models/digits/versions/1:predict", json.dumps({"instances": named_rows}).encode()
+  )
+  assert status == 200 and len(result["predictions"]) == 2
+
+  body = json.dumps({"signature_name": "serving_default", "inputs": pixels.tolist()}).encode()
+  status, columns = server.request("POST", "/v1/models/digits/labels/stable:predict", body)
+  assert status == 200, columns
+  _check_outputs(columns["outputs"], expected)
+
+
+def test_metadata_and_status(server):
+  request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+  request.model_spec.name = "digits"
+  response = server.predict_stub.GetModelMetadata(request, timeout=30)
+  assert response.model_spec.version.value == 1
+  signature_defs = get_model_metadata_pb2.SignatureDefMap()
+  assert response.metadata["signature_def"].Unpack(signature_defs)
+  signature = signature_defs.signature_def["serving_default"]
+  assert signature.method_name == "tensorflow/serving/predict"
+  assert [d.size for d in signature.inputs["inputs"].tensor_shape.dim] == [-1, 64]
+  assert signature.outputs["classes"].dtype == tf.int32.as_datatype_enum
+
+  status, metadata = server.get("/v1/models/digits/versions/1/metadata")
+  assert status == 200
+  assert metadata["model_spec"] == {"name": "digits", "signature_name": "", "version": "1"}
+  rest_signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+  assert rest_signature["inputs"]["inputs"]["dtype"] == "DT_FLOAT"
+
+  status_request = get_model_status_pb2.GetModelStatusRequest()
+  status_request.model_spec.name = "digits"
+  versions = server.model_stub.GetModelStatus(status_request, timeout=30).model_version_status
+  assert [(v.version, v.state, v.status.error_code) for v in versions] == [
+    (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE, 0)
+  ]
+  assert server.get("/v1/models/digits") == (
+    200,
+    {
+      "model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+      ]
+    },
+  )
+
+
+def _bad_tensor(request):
+  request.inputs["inputs"].tensor_content = b"abc"  # Not a whole float32.
+  return request
+
+
+GOOD = np.ones((2, 64), np.float32)
+BAD_GRPC = [
+  ("unknown model", lambda: _predict_request(GOOD, name="nope"), "NOT_FOUND", "nope"),
+  ("model as path", lambda: _predict_request(GOOD, name="../digits"), "NOT_FOUND", ""),
+  ("unknown version", lambda: _predict_request(GOOD, version=99), "NOT_FOUND", "99"),
+  ("unknown label", lambda: _predict_request(GOOD, version_label="canary"), "INVALID_ARGUMENT", ""),
+  (
+    "unknown signature",
+    lambda: _predict_request(GOOD, signature_name="generate"),
+    "FAILED_PRECONDITION",
+    "generate",
+  ),
+  (
+    "unknown output",
+    lambda: _predict_request(GOOD, output_filter=["logits"]),
+    "INVALID_ARGUMENT",
+    "logits",
+  ),
+  ("wrong dtype", lambda: _predict_request(GOOD.astype(np.int32)), "INVALID_ARGUMENT", "float"),
+  ("wrong shape", lambda: _predict_request(GOOD[:, :63]), "INVALID_ARGUMENT", r"[-1, 64]"),
+  ("wrong rank", lambda: _predict_request(GOOD[0]), "INVALID_ARGUMENT", r"[-1, 64]"),
+  ("malformed tensor", lambda: _bad_tensor(_predict_request(GOOD)), "INVALID_ARGUMENT", ""),
+]
+
+
+def _renamed(name: str):
+  request = _predict_request(GOOD)
+  request.inputs[name].CopyFrom(request.inputs.pop("inputs"))
+  return request
+
+
+def _extra():
+  request = _predict_request(GOOD)
+  request.inputs["extra"].CopyFrom(request.inputs["inputs"])
+  return request
+
+
+BAD_GRPC += [
+  ("missing input", lambda: _renamed("x"), "INVALID_ARGUMENT", "missing ['inputs']"),
+  ("extra input", _extra, "INVALID_ARGUMENT", "unexpected ['extra']"),
+]
+
+
+@pytest.mark.parametrize(
+  "make_request, code, message", [b[1:] for b in BAD_GRPC], ids=[b[0] for b in BAD_GRPC]
+)
+def test_grpc_bad_predict_gets_tf_serving_code(
+  server, pixels, expected, make_request, code, message
+):
+  with pytest.raises(grpc.RpcError) as error:
+    server.predict_stub.Predict(make_request(), timeout=30)
+  assert error.value.code().name == code, error.value.details()
+  assert message in error.value.details()
+  response = server.predict_stub.Predict(_predict_request(pixels[:4]), timeout=30)  # Unharmed.
+  _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected, slice(4))
+
+
+def test_grpc_other_bad_requests(server):
+  def code_of(call, request):
+    with pytest.raises(grpc.RpcError) as error:
+      call(request, timeout=30)
+    return error.value.code()
+
+  metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["nope"])
+  metadata.model_spec.name = "digits"
+  assert code_of(server.predict_stub.GetModelMetadata, metadata) == grpc.StatusCode.INVALID_ARGUMENT
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = "nope"
+  assert code_of(server.model_stub.GetModelStatus, status) == grpc.StatusCode.NOT_FOUND
+  status.model_spec.name = "digits"
+  status.model_spec.version.value = 5
+  assert code_of(server.model_stub.GetModelStatus, status) == grpc.StatusCode.NOT_FOUND
+  classify = classification_pb2.ClassificationRequest()
+  assert code_of(server.predict_stub.Classify, classify) == grpc.StatusCode.UNIMPLEMENTED
+  too_big = _predict_request(np.zeros((MAX_REQUEST_BYTES // 256 + 8, 64), np.float32))
+  assert code_of(server.predict_stub.Predict, too_big) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+ROW = [1.0] * 64
+BAD_REST = [
+  ("GET", "/v1/models/nope", None, 404, "nope"),
+  ("GET", "/v1/models/digits/versions/99", None, 404, "99"),
+  ("GET", "/v1/models/digits/labels/canary", None, 400, "canary"),
+  ("GET", "/v1/models/digits/versions/99/metadata", None, 404, "99"),
+  ("GET", "/v1/models/digits:predict", None, 400, "Malformed request"),
+  ("GET", "/v2/anything", None, 404, "Malformed request"),
+  ("POST", "/v1/models/nope:predict", {"instances": [ROW]}, 404, "nope"),
+  ("POST", "/v1/models/digits:predict", b"{not json", 400, "not JSON"),
+  ("POST", "/v1/models/digits:predict", {"instances": [[1.0, 2.0]]}, 400, "[-1, 64]"),
+  ("POST", "/v1/models/digits:predict", {"instances": [ROW, ROW[:3]]}, 400, "rectangular"),
+  ("POST", "/v1/models/digits:predict", {"instances": [["a"] * 64]}, 400, "expects float32"),
+  ("POST", "/v1/models/digits:predict", {"inputs": {"x": [ROW]}}, 400, "missing ['inputs']"),
+  ("POST", "/v1/models/digits:predict", {"instances": [ROW], "inputs": [ROW]}, 400, "exactly one"),
+  ("POST", "/v1/models/digits:predict", {"instances": [{"b64": "!!"}]}, 400, "base64"),
+  (
+    "POST",
+    "/v1/models/digits:predict",
+    {"signature_name": "generate", "instances": [ROW]},
+    400,
+    "generate",
+  ),
+]
+
+
+@pytest.mark.parametrize("method, path, body, http_status, message", BAD_REST)
+def test_rest_bad_requests(server, method, path, body, http_status, message):
+  if isinstance(body, dict):
+    body = json.dumps(body).encode()
+  status, result = server.request(method, path, body)
+  assert status == http_status, result
+  assert message in result["error"]
+  status, result = server.request(
+    "POST", "/v1/models/digits:predict", json.dumps({"instances": [ROW]}).encode()
+  )
+  assert status == 200 and len(result["predictions"]) == 1
+
+
+def _raw_http(server, head: bytes) -> bytes:
+  with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as conn:
+    conn.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    return conn.makefile("rb").read()  # The server answers and closes: no body was sent.
+
+
+@pytest.mark.parametrize(
+  "head, answer",
+  [
+    (f"Content-Length: {MAX_REQUEST_BYTES + 1}\r\n".encode(), b"HTTP/1.1 413"),
+    (b"Content-Length: -5\r\n", b"HTTP/1.1 400"),
+    (b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 400"),
+  ],
+)
+def test_rest_rejects_bodies_it_cannot_or_should_not_read(server, head, answer):
+  response = _raw_http(server, head)
+  assert response.startswith(answer), response[:200]
+  assert b"max_request_size_bytes" in response or b"Content-Length" in response
+
+
+@pytest.mark.parametrize("name", ["../digits", "/etc", "", ".hidden", "a/b", "x" * 129])
+def test_model_names_that_could_leave_the_base_path_are_rejected(name, tmp_path):
+  with pytest.raises(ValueError, match="is not a valid model name"):
+    model_manager.ModelManager(name, str(tmp_path))
+
+
+def test_rest_dtype_checks():
+  float_spec = model_manager.TensorSpec(dtype=tf.float32.as_datatype_enum, shape=(-1,))
+  int_spec = model_manager.TensorSpec(dtype=tf.int32.as_datatype_enum, shape=(-1,))
+  assert rest._to_array("x", [1, 2], float_spec).dtype == np.float32
+  for value, spec in (([1.5], int_spec), ([True], float_spec), (["a"], float_spec)):
+    with pytest.raises(model_manager.ServingError, match="but the signature expects") as error:
+      rest._to_array("x", value, spec)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_b64_values_become_bytes():
+  spec = model_manager.TensorSpec(dtype=tf.string.as_datatype_enum, shape=(-1,))
+  array = rest._to_array("text", [{"b64": "aGk="}, {"b64": "eW8="}], spec)
+  assert array.tolist() == [b"hi", b"yo"]
+  assert rest._to_json("out_bytes", np.array([b"hi"], object)) == [{"b64": "aGk="}]
+
+
+def test_prometheus_metrics(server):
+  server.get("/v1/models/nope")
+  request = urllib.request.Request(server.url + "/monitoring/prometheus/metrics")
+  with urllib.request.urlopen(request, timeout=30) as response:
+    text = response.read().decode()
+  assert (
+    'serving_requests_total{api="grpc",code="OK",method="Predict",model="digits",version="1"}'
+    in text
+  )
+  # Unknown names from requests are not labels.
+  assert 'api="rest",code="NOT_FOUND",method="GetModelStatus",model="unknown",version=""' in text
+  assert "serving_request_latency_seconds_bucket" in text
+
+
+def test_client_cli(server, pixels, expected, tmp_path):
+  inputs = tmp_path / "batch.json"
+  inputs.write_text(json.dumps({"inputs": pixels[:3].tolist()}))
+
+  def client(*args, server_address=f"127.0.0.1:{server.grpc_port}"):
+    return subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "serving.client",
+        f"--server={server_address}",
+        "--model=digits",
+        *args,
+      ],
+      cwd=REPO,
+      env=SERVER_ENV,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  result = client(f"--input={inputs}", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  answer = json.loads(result.stdout)
+  _check_outputs(answer["outputs"], expected, slice(3))
+  unreachable = client(
+    "--status", "--timeout_seconds=3", server_address=f"127.0.0.1:{_free_port()}"
+  )
+  assert unreachable.returncode == 1
+  assert "error: cannot reach a model server" in unreachable.stderr
+
+
+def _status(server) -> dict[int, tuple[str, str]]:
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = "digits"
+  states = get_model_status_pb2.ModelVersionStatus.State
+  response = server.model_stub.GetModelStatus(request, timeout=30)
+  return {
+    s.version: (states.Name(s.state), s.status.error_message) for s in response.model_version_status
+  }
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if value := predicate():
+      return value
+    time.sleep(0.05)
+  raise TimeoutError(f"{what} within {timeout_s} s")
+
+
+def test_new_version_is_swapped_in_under_load_without_a_failure(server, pixels, expected):
+  """Version 2 dropped in while a client loops is served within the poll interval (plus its
+  load and warmup); then version 1 is unloaded. Not one request fails."""
+  versions_seen, failures, stop = [], [], threading.Event()
+
+  def client_loop():
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+      try:
+        response = server.predict_stub.Predict(_predict_request(pixels[:4]), timeout=30)
+        versions_seen.append((time.monotonic(), response.model_spec.version.value))
+        _check_outputs(
+          {k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected, slice(4)
+        )
+      except Exception as e:
+        failures.append(repr(e))
+
+  thread = threading.Thread(target=client_loop)
+  thread.start()
+  try:
+    _wait_for(lambda: len(versions_seen) >= 5, 30, "requests before the swap")
+    staging = os.path.join(os.path.dirname(server.base), "staging-2")
+    shutil.copytree(os.path.join(server.base, "1"), staging)
+    dropped = time.monotonic()
+    os.rename(staging, os.path.join(server.base, "2"))  # Atomic, as export does it.
+    _wait_for(lambda: any(v == 2 for _, v in versions_seen), 30, "version 2 served")
+    first_v2 = min(t for t, v in versions_seen if v == 2)
+    count_at_swap = len(versions_seen)
+    _wait_for(lambda: len(versions_seen) >= count_at_swap + 5, 30, "requests after the swap")
+  finally:
+    stop.set()
+    thread.join(timeout=60)
+  assert failures == []
+  assert first_v2 - dropped < POLL_SECONDS + 10  # Poll interval plus load and warmup.
+  assert all(v == 2 for t, v in versions_seen if t > first_v2 + 0.5)
+  assert _wait_for(lambda: _status(server).get(1, ("",))[0] == "END", 10, "version 1 unloaded")
+  assert _status(server) == {1: ("END", ""), 2: ("AVAILABLE", "")}
+
+
+def test_a_broken_version_is_reported_and_never_served(server, pixels):
+  broken = os.path.join(server.base, "3")
+  os.makedirs(broken + ".tmp")
+  with open(os.path.join(broken + ".tmp", "saved_model.pb"), "wb") as f:
+    f.write(b"not a SavedModel")
+  os.rename(broken + ".tmp", broken)
+  try:
+    _, error = _wait_for(
+      lambda: _status(server).get(3, ("", ""))[0] == "END" and _status(server)[3], 20, "v3 failed"
+    )
+    assert error  # The load error, e.g. "OSError: ... saved_model.pb".
+    status, rest_status = server.get("/v1/models/digits/versions/3")
+    assert status == 200
+    assert rest_status["model_version_status"][0]["status"]["error_code"] == "UNKNOWN"
+    latest = server.predict_stub.Predict(_predict_request(pixels[:2]), timeout=30)
+    assert latest.model_spec.version.value == 2  # The previous version keeps serving.
+    with pytest.raises(grpc.RpcError) as error_3:
+      server.predict_stub.Predict(_predict_request(pixels[:2], version=3), timeout=30)
+    assert error_3.value.code() == grpc.StatusCode.NOT_FOUND
+  finally:
+    shutil.rmtree(broken)
+  _wait_for(lambda: 3 not in _status(server), 10, "removed version forgotten")
+
+
+def test_load_8_clients_3_seconds_without_errors(server, pixels):
+  def client(deadline):
+    latencies, errors = [], []
+    while time.monotonic() < deadline and len(latencies) < 100_000:
+      start = time.perf_counter()
+      try:
+        server.predict_stub.Predict(_predict_request(pixels[:8]), timeout=30)
+        latencies.append(time.perf_counter() - start)
+      except grpc.RpcError as e:
+        errors.append(e.code())
+    return latencies, errors
+
+  deadline = time.monotonic() + 3
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(client, [deadline] * 8))
+  latencies = np.array([t for r in results for t in r[0]])
+  errors = [e for r in results for e in r[1]]
+  assert errors == []
+  assert len(latencies) > 50
+  print(
+    f"8 clients, 3 s: {len(latencies)} requests, p50 {np.percentile(latencies, 50) * 1e3:.2f} ms, "
+    f"p99 {np.percentile(latencies, 99) * 1e3:.2f} ms"
+  )
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
+  """Stops the module's digits server (the tests after it use only its files)."""
+  body = json.dumps({"instances": [ROW] * 4}).encode()
+  with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as conn:
+    conn.sendall(
+      b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      + f"Content-Length: {len(body)}\r\n\r\n".encode()
+      + body[:10]
+    )
+    time.sleep(0.3)  # The handler is now reading the body.
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    conn.sendall(body[10:])
+    response = b""
+    while b"predictions" not in response and len(response) < 100_000:
+      chunk = conn.recv(65536)
+      if not chunk:
+        break
+      response += chunk
+  assert response.startswith(b"HTTP/1.1 200"), response[:200]
+  assert server.proc.wait(timeout=60) == 0, server.log_tail()
+  with pytest.raises(OSError):
+    socket.create_connection(("127.0.0.1", server.rest_port), timeout=5).close()
+
+
+@pytest.fixture(scope="module")
+def lm_server(server, tmp_path_factory):
+  """A server of two models from a --model_config_file: a language model (int32 tokens;
+  signatures serving_default and generate) and digits with versions 1 and 2 both served."""
+  root = tmp_path_factory.mktemp("lm")
+  for version in ("1", "2"):
+    shutil.copytree(os.path.join(server.base, "1"), root / "digits" / version)
+  config = lm_config.get_config("smoke")
+  config.data.worker_threads = 0
+  config.data.max_bytes = 60_000
+  config.data.eval_every_documents = 4
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, str(root / "run"), jax.devices()[:1])
+  export.export(str(root / "run"), str(root / "models"), max_new_tokens=5)
+  (root / "models.config").write_text(
+    f"""model_config_list {{
+      config {{ name: "lm" base_path: "{root / "models"}" model_platform: "tensorflow" }}
+      config {{
+        name: "digits"
+        base_path: "{root / "digits"}"
+        model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+        version_labels {{ key: "stable" value: 1 }}
+        version_labels {{ key: "canary" value: 2 }}
+      }}
+    }}"""
+  )
+  server = Server(
+    str(root / "models"),
+    str(root / "server.log"),
+    model_name="lm",
+    models_args=[f"--model_config_file={root / 'models.config'}"],
+  )
+  try:
+    server.wait_ready()
+    yield server, inference.load(str(root / "run")), str(root / "models" / "1")
+  finally:
+    server.stop()
+
+
+def test_language_model_signatures_over_grpc_and_rest(lm_server):
+  server, model, path = lm_server
+  prompt = np.array([list(b"def main():\n  ret"), list(b"import numpy as n")], np.int32)
+  response = server.predict_stub.Predict(
+    _predict_request(prompt, input_name="tokens", name="lm"), timeout=30
+  )
+  expected = jax.nn.log_softmax(model.model.apply(model.variables, prompt)[:, -1, :259])
+  np.testing.assert_allclose(
+    tf.make_ndarray(response.outputs["log_probs"]), expected, rtol=1e-5, atol=1e-5
+  )
+
+  generated = tf.saved_model.load(path).signatures["generate"](tokens=tf.constant(prompt))
+  response = server.predict_stub.Predict(
+    _predict_request(prompt, input_name="tokens", name="lm", signature_name="generate"), timeout=30
+  )
+  assert response.model_spec.signature_name == "generate"
+  np.testing.assert_array_equal(
+    tf.make_ndarray(response.outputs["tokens"]), generated["tokens"].numpy()
+  )
+  body = {"signature_name": "generate", "inputs": {"tokens": prompt.tolist()}}
+  status, result = server.request("POST", "/v1/models/lm:predict", json.dumps(body).encode())
+  assert status == 200, result
+  assert result["outputs"] == generated["tokens"].numpy().tolist()
+
+  body = {"signature_name": "generate", "instances": (prompt + 0.5).tolist()}
+  status, result = server.request("POST", "/v1/models/lm:predict", json.dumps(body).encode())
+  assert status == 400 and "expects int32" in result["error"]
+  with pytest.raises(grpc.RpcError) as error:
+    server.predict_stub.Predict(
+      _predict_request(prompt.astype(np.float32), input_name="tokens", name="lm"), timeout=30
+    )
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  status, metadata = server.get("/v1/models/lm/metadata")
+  assert {"serving_default", "generate"} <= set(
+    metadata["metadata"]["signature_def"]["signature_def"]
+  )
+
+
+def test_model_config_file_serves_several_models_and_versions(lm_server, pixels, expected):
+  server = lm_server[0]
+  versions = {}
+  for spec in ({"version": 1}, {"version_label": "canary"}, {}):
+    response = server.predict_stub.Predict(_predict_request(pixels[:3], **spec), timeout=30)
+    _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected, slice(3))
+    versions[str(spec)] = response.model_spec.version.value
+  assert list(versions.values()) == [1, 2, 2]
+  status, result = server.get("/v1/models/digits")
+  assert [(v["version"], v["state"]) for v in result["model_version_status"]] == [
+    ("1", "AVAILABLE"),
+    ("2", "AVAILABLE"),
+  ]
+  status, result = server.request(
+    "POST",
+    "/v1/models/digits/labels/stable:predict",
+    json.dumps({"instances": pixels[:1].tolist()}).encode(),
+  )
+  assert status == 200 and len(result["predictions"]) == 1
+  assert server.get("/v1/models/nope")[0] == 404
+
+
+@pytest.mark.parametrize(
+  "kind, num_versions, versions, on_disk, aspired",
+  [
+    ("latest", 1, (), {1, 2, 3}, {3}),
+    ("latest", 2, (), {1, 2, 3}, {2, 3}),
+    ("all", 1, (), {1, 5}, {1, 5}),
+    ("specific", 1, (1, 4), {1, 2, 3}, {1}),
+  ],
+)
+def test_version_policies(kind, num_versions, versions, on_disk, aspired):
+  policy = model_manager.VersionPolicy(kind, num_versions=num_versions, versions=versions)
+  assert policy.aspired(on_disk) == aspired
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("model_config_list {}", "has no model_config_list"),
+    ("model_config_list { config { name: 'a' } }", "model 'a': base_path is required"),
+    ("model_config_list { config { name: '../a' base_path: '/x' } }", "not a valid model name"),
+    (
+      "model_config_list { config { name: 'a' base_path: '/x' model_platform: 'onnx' } }",
+      "model_platform 'onnx' is not 'tensorflow'",
+    ),
+    ("model_config_list { config { nme: 'a' } }", "is not a text ModelServerConfig"),
+  ],
+)
+def test_bad_model_config_files(text, message, tmp_path):
+  from serving import model_config
+
+  (tmp_path / "models.config").write_text(text)
+  with pytest.raises(ValueError, match=message):
+    model_config.read(str(tmp_path / "models.config"), poll_wait_seconds=1)
