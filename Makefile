@@ -31,6 +31,7 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/python -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(BIN)/python -m serving.export --workdir=$(WORKDIR) --export_base=$(EXPORT_BASE)
+	scripts/serve_and_query.sh $(EXPORT_BASE) digits
 
 test: install
 	$(BIN)/python -m pytest
