@@ -45,7 +45,11 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/python bench/trainer_overhead.py
+	env -u XLA_FLAGS $(BIN)/python bench/trainer_overhead.py
+	env -u XLA_FLAGS $(BIN)/python bench/lm_throughput.py
+	env -u XLA_FLAGS $(BIN)/python bench/export_latency.py
+	$(BIN)/python bench/multihost.py
+	env -u XLA_FLAGS $(BIN)/python bench/serving_latency.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

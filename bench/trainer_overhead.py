@@ -1,26 +1,29 @@
 r"""Trainer overhead vs a minimal jit loop, and how long a checkpoint save blocks the loop (issue 2).
 
-  .venv/bin/python bench/trainer_overhead.py          # default: about 2.5 minutes on 2 CPU cores
-  .venv/bin/python bench/trainer_overhead.py --quick  # sanity run, ~30 seconds
+  .venv/bin/python bench/trainer_overhead.py          # default: about 4 minutes on 2 CPU cores
+  .venv/bin/python bench/trainer_overhead.py --quick  # sanity run, under a minute
 
-Part 1 trains the same model on the same synthetic data, each variant once per repeat, the
-variants interleaved so that drift in machine speed hits them all alike:
-  * trainer: `trainer.train.train_and_evaluate` as is (grain input pipeline, metrics read back
-    and logged every 100 steps, async checkpoints every 500 steps, one eval at the end); its
-    `steps_per_sec` excludes the first (compiling) step and the eval;
+Part 1 trains the same model on the same synthetic data three ways, in two setups:
+  * tiny (`--tiny`, default the mlp on 16x16x3, about 2 ms a step on a CPU): mostly measures the
+    fixed host work per step (Python, dispatch, input, metrics);
+  * medium (`--medium`, default the cnn on 8x8x1 inputs, the model and shapes of `make run`,
+    about 17 ms a step on a CPU): a step whose compute dominates, as on a real model.
+The three variants, run once per repeat, interleaved so that drift in machine speed hits all alike:
+  * trainer: `trainer.train.train_and_evaluate` as is (grain input pipeline, every step's loss,
+    gradient/parameter/update norms and learning rate read back and logged every 100 steps,
+    async checkpoints every 500 steps, one eval at the end); its `steps_per_sec` excludes the
+    first (compiling) step and the eval;
   * minimal: `jax.jit` of a hand-written step (same flax model, same optax optimizer, same loss)
     over batches pre-built as numpy arrays, `jax.device_put` each step, timed after one warmup
-    step up to `block_until_ready`.
-Two diagnostic rows split the gap between them:
-  * the minimal loop around the trainer's own jitted step (`build_experiment(...).train_step`):
-    what the step function's extra metrics cost;
-  * the trainer with its input pipeline swapped (in this process only) for one that reads each
-    batch with a single fancy-index per array: what the per-example grain pipeline costs.
-It also times each input pipeline alone (no training), in batches/s.
+    step up to `block_until_ready`;
+  * diagnostic: the minimal loop around the trainer's own jitted step
+    (`build_experiment(...).train_step`): what the step's extra metrics cost, and, against the
+    trainer, what everything around the step costs.
+It also times the trainer's input pipeline alone (no training), in batches/s.
 
-Part 2 times `Checkpointer.save` with async_save on and off, on the state of part 1's model and
-on a larger one: how long the call blocks the training loop, and how long until the checkpoint
-is complete.
+Part 2 times `Checkpointer.save` with async_save on and off, on the state of the tiny setup's
+model and on a larger one: how long the call blocks the training loop, and how long until the
+checkpoint is complete.
 
 Run on one CPU device (no --xla_force_host_platform_device_count). Results: docs/benchmarks.md.
 """
@@ -29,48 +32,46 @@ from __future__ import annotations
 
 import cProfile
 import dataclasses
-import datetime
 import gc
 import io
-import logging as py_logging
 import os
-import platform
 import pstats
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from importlib import metadata
-from unittest import mock
+from collections.abc import Callable
 
 import flax.linen as nn
-import grain
+import harness
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
-from grain import experimental as grain_experimental
+from absl import app, flags
 
 import models
 from configs import base
 from trainer import checkpointing, input_pipeline, tasks, train
-from trainer.data_sources import ArraySource, Dataset, load_dataset
+from trainer.data_sources import load_dataset
 from trainer.optimizers import create_optimizer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: few steps, one repeat, a small state.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Train steps per run (part 1).")
-_REPEATS = flags.DEFINE_integer("repeats", 4, "Interleaved runs of each variant (part 1).")
-_MODEL = flags.DEFINE_string(
-  "model", "mlp", "Part 1 model: a classifier from models.MODELS without BatchNorm (mlp, cnn, ...)."
+_SETUPS = flags.DEFINE_list("setups", ["tiny", "medium"], "Part 1 setups to run, in order.")
+_TINY = flags.DEFINE_string(
+  "tiny",
+  "mlp:16x16x3:1000",
+  "The tiny-step setup as model:input shape:steps per run; the model is a classifier from "
+  "models.MODELS without BatchNorm (mlp, mlp_tiny, cnn, cnn_tiny).",
 )
-_INPUT_SHAPE = flags.DEFINE_list("input_shape", ["16", "16", "3"], "Synthetic example shape.")
+_MEDIUM = flags.DEFINE_string(
+  "medium", "cnn:8x8x1:500", "The medium-step setup, as model:input shape:steps per run."
+)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved runs of each variant (part 1).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch (part 1).")
 _PIPELINE_BATCHES = flags.DEFINE_integer(
-  "pipeline_batches", 400, "Batches read when timing an input pipeline alone."
+  "pipeline_batches", 1000, "Batches read when timing the input pipeline alone."
 )
 _CKPT_INPUT_SHAPE = flags.DEFINE_list(
   "ckpt_input_shape",
@@ -79,18 +80,30 @@ _CKPT_INPUT_SHAPE = flags.DEFINE_list(
 )
 _CKPT_REPEATS = flags.DEFINE_integer("ckpt_repeats", 5, "Timed saves of each kind (part 2).")
 _PROFILE = flags.DEFINE_bool(
-  "profile", False, "Also run the trainer once under cProfile and print its hottest functions."
+  "profile", False, "Also run the first setup's trainer under cProfile and print its hot spots."
 )
 _TMP_ROOT = flags.DEFINE_string("tmp_root", None, "Where workdirs go (default: system temp).")
 
-# Orbax warns at every save without metrics when best_fn is set, which Checkpointer always does.
-_ORBAX_NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+VARIANTS = {
+  "trainer": "trainer: train_and_evaluate (log/100, async ckpt/500)",
+  "minimal": "minimal: jit loop, hand-written step",
+  "minimal_trainer_step": "diagnostic: minimal loop, trainer's jitted step",
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
-  description: str
-  run: Callable[[], float]
+class Setup:
+  name: str
+  config: ml_collections.ConfigDict
+
+  @property
+  def description(self) -> str:
+    config = self.config
+    shape = "x".join(map(str, config.data.synthetic_input_shape))
+    return (
+      f"{self.name}: model {config.model.name}, synthetic {shape} inputs, batch "
+      f"{config.train.global_batch_size}, {config.train.num_steps} steps per run"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +114,21 @@ class SaveTiming:
   total_ms: float
 
 
+def parse_setup(name: str, spec: str, batch_size: int) -> Setup:
+  """`mlp:16x16x3:1000` -> the throughput config of that model, input shape and step count."""
+  try:
+    model, shape, steps = spec.split(":")
+    input_shape = tuple(int(d) for d in shape.split("x"))
+    num_steps = int(steps)
+  except ValueError as e:
+    raise app.UsageError(
+      f"--{name}={spec!r}: expected model:HxWxC:steps, e.g. cnn:8x8x1:500"
+    ) from e
+  return Setup(name, throughput_config(model, input_shape, batch_size, num_steps))
+
+
 def throughput_config(
-  *, model: str, input_shape: tuple[int, ...], batch_size: int, num_steps: int
+  model: str, input_shape: tuple[int, ...], batch_size: int, num_steps: int
 ) -> ml_collections.ConfigDict:
   """The base config on synthetic data, logging every 100 steps, checkpoints every 500."""
   config = base.get_base_config()
@@ -139,113 +165,7 @@ def checkpoint_config(model: str, input_shape: tuple[int, ...]) -> ml_collection
   return config
 
 
-# --- Part 1: the trainer ------------------------------------------------------------------------
-
-
-def run_trainer(config: ml_collections.ConfigDict, tmp_root: str) -> float:
-  """Steps/sec that `train_and_evaluate` reports, in a fresh workdir (a reused one would resume)."""
-  workdir = tempfile.mkdtemp(prefix="trainer_", dir=tmp_root)
-  try:
-    result = train.train_and_evaluate(config, workdir)
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-  if result.step != config.train.num_steps:
-    raise RuntimeError(f"trainer stopped at step {result.step} of {config.train.num_steps}")
-  return result.steps_per_sec
-
-
-class ShuffledBatches:
-  """Batch `index` of an endless stream of per-epoch permutations of an in-memory source.
-
-  One fancy-index per array instead of grain's per-example `__getitem__`, shuffle and stack.
-  Like the trainer's pipeline, batches may span an epoch boundary. Thread-safe: a race on the
-  permutation cache only computes the same permutation twice.
-  """
-
-  def __init__(self, source: ArraySource, batch_size: int, seed: int, shuffle: bool):
-    self._inputs = source.inputs[jax.process_index() :: jax.process_count()]
-    self._labels = source.labels[jax.process_index() :: jax.process_count()]
-    self._batch_size, self._seed, self._shuffle = batch_size, seed, shuffle
-    self._orders: dict[int, np.ndarray] = {}
-
-  def _order(self, epoch: int) -> np.ndarray:
-    if epoch not in self._orders:
-      n = len(self._labels)
-      order = np.arange(n)
-      if self._shuffle:
-        order = np.random.default_rng((self._seed, epoch)).permutation(n)
-      self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-      self._orders[epoch] = order
-    return self._orders[epoch]
-
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
-    positions = np.arange(index * self._batch_size, (index + 1) * self._batch_size)
-    epochs, offsets = np.divmod(positions, len(self._labels))
-    rows = np.concatenate([self._order(e)[offsets[epochs == e]] for e in np.unique(epochs)])
-    return {"inputs": self._inputs[rows], "labels": self._labels[rows]}
-
-
-def batched_train_iterator(
-  dataset: Dataset,
-  *,
-  global_batch_size: int,
-  seed: int,
-  shuffle: bool,
-  worker_threads: int,
-  prefetch_batches: int,
-  sharding: jax.sharding.NamedSharding,
-) -> grain.DatasetIterator:
-  """`input_pipeline.train_iterator` with batch-level reads; same prefetching, checkpointable."""
-  local_batch = global_batch_size // jax.process_count()
-  batches = ShuffledBatches(dataset.train, local_batch, seed, shuffle)
-  ds = grain.MapDataset.range(2**62).map(batches)
-  read_options = grain.ReadOptions(
-    num_threads=worker_threads, prefetch_buffer_size=prefetch_batches
-  )
-  iter_ds = grain_experimental.ThreadPrefetchIterDataset(
-    ds.to_iter_dataset(read_options), prefetch_buffer_size=prefetch_batches
-  )
-  iter_ds = grain_experimental.ThreadPrefetchIterDataset(
-    iter_ds.map(
-      lambda batch: {
-        k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
-      }
-    ),
-    prefetch_buffer_size=2,
-  )
-  return iter(iter_ds)
-
-
-def run_trainer_batched_input(config: ml_collections.ConfigDict, tmp_root: str) -> float:
-  with mock.patch.object(input_pipeline, "train_iterator", batched_train_iterator):
-    return run_trainer(config, tmp_root)
-
-
-def pipeline_batches_per_sec(
-  make_iterator: Callable[..., Iterator], config: ml_collections.ConfigDict, num_batches: int
-) -> float:
-  """How fast an input pipeline alone delivers device batches, after its first batch."""
-  experiment = train.build_experiment(config)
-  iterator = make_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=config.data.worker_threads,
-    prefetch_batches=config.data.prefetch_batches,
-    sharding=experiment.batch_sharding,
-  )
-  jax.block_until_ready(next(iterator))
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    batch = next(iterator)
-  jax.block_until_ready(batch)
-  rate = num_batches / (time.perf_counter() - start)
-  iterator.close()
-  return rate
-
-
-# --- Part 1: the minimal loop -------------------------------------------------------------------
+# --- Part 1 -------------------------------------------------------------------------------------
 
 
 def host_batches(config: ml_collections.ConfigDict) -> list[dict[str, np.ndarray]]:
@@ -284,27 +204,57 @@ def minimal_train_step(config: ml_collections.ConfigDict) -> tuple[Callable, Cal
   return jax.jit(init), jax.jit(step, donate_argnums=(0,))
 
 
-def time_loop(step: Callable, carry, batches: list[dict[str, np.ndarray]], num_steps: int) -> float:
-  """Steps/sec of `num_steps - 1` steps after one warmup (compiling) step."""
-  carry, out = step(carry, jax.device_put(batches[0]))
-  jax.block_until_ready((carry, out))
-  start = time.perf_counter()
-  for i in range(1, num_steps):
-    carry, out = step(carry, jax.device_put(batches[i % len(batches)]))
-  jax.block_until_ready((carry, out))
-  return (num_steps - 1) / (time.perf_counter() - start)
+def variant_runners(setup: Setup, tmp_root: str) -> dict[str, Callable[[], float]]:
+  """Each variant of part 1 as a function returning steps/s."""
+  config = setup.config
+  batches = host_batches(config)
+  init, step = minimal_train_step(config)
+
+  def minimal_trainer_step() -> float:
+    experiment = train.build_experiment(config)
+    state = experiment.init_state(jax.random.PRNGKey(config.seed))
+    return harness.time_loop(experiment.train_step, state, batches, config.train.num_steps)
+
+  return {
+    "trainer": lambda: harness.run_trainer(config, tmp_root).steps_per_sec,
+    "minimal": lambda: harness.time_loop(
+      step, init(jax.random.PRNGKey(config.seed)), batches, config.train.num_steps
+    ),
+    "minimal_trainer_step": minimal_trainer_step,
+  }
 
 
-def run_minimal(config: ml_collections.ConfigDict, batches, step_fns) -> float:
-  init, step = step_fns
-  return time_loop(step, init(jax.random.PRNGKey(config.seed)), batches, config.train.num_steps)
-
-
-def run_minimal_trainer_step(config: ml_collections.ConfigDict, batches) -> float:
-  """The minimal loop around the trainer's own jitted step (metrics and all)."""
+def pipeline_batches_per_sec(config: ml_collections.ConfigDict, num_batches: int) -> float:
+  """How fast the trainer's input pipeline alone delivers device batches, after its first."""
   experiment = train.build_experiment(config)
-  state = experiment.init_state(jax.random.PRNGKey(config.seed))
-  return time_loop(experiment.train_step, state, batches, config.train.num_steps)
+  iterator = input_pipeline.train_iterator(
+    experiment.dataset,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    shuffle=config.data.shuffle,
+    worker_threads=config.data.worker_threads,
+    prefetch_batches=config.data.prefetch_batches,
+    sharding=experiment.batch_sharding,
+  )
+  jax.block_until_ready(next(iterator))
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    batch = next(iterator)
+  jax.block_until_ready(batch)
+  rate = num_batches / (time.perf_counter() - start)
+  iterator.close()
+  return rate
+
+
+def profile_trainer(config: ml_collections.ConfigDict, tmp_root: str) -> str:
+  """The main thread's hottest functions during one trainer run (cProfile, by own time)."""
+  profiler = cProfile.Profile()
+  profiler.enable()
+  harness.run_trainer(config, tmp_root)
+  profiler.disable()
+  out = io.StringIO()
+  pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+  return out.getvalue()
 
 
 # --- Part 2: checkpoint saves -------------------------------------------------------------------
@@ -379,69 +329,35 @@ def _dir_bytes(path: str) -> int:
 # --- Reporting ----------------------------------------------------------------------------------
 
 
-def profile_trainer(config: ml_collections.ConfigDict, tmp_root: str) -> str:
-  """The main thread's hottest functions during one trainer run (cProfile, by own time)."""
-  profiler = cProfile.Profile()
-  profiler.enable()
-  run_trainer(config, tmp_root)
-  profiler.disable()
-  out = io.StringIO()
-  pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
-  return out.getvalue()
-
-
-def machine_description() -> list[str]:
-  versions = ", ".join(
-    f"{name} {metadata.version(name)}"
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
-  )
-  return [
-    f"date: {datetime.date.today().isoformat()}",
-    f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
-    f"{platform.machine()}, {platform.platform()}",
-    f"python {platform.python_version()}; {versions}",
-    f"JAX devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
-  ]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-  """A markdown table, so the output pastes into docs/benchmarks.md as is."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def report_throughput(
-  config: ml_collections.ConfigDict,
-  variants: dict[str, Variant],
-  rates: dict[str, list[float]],
-  pipelines: dict[str, float],
-) -> str:
-  minimal = rates["minimal"]
+def report_setup(setup: Setup, rates: dict[str, list[float]], pipeline_rate: float) -> str:
   medians = {name: statistics.median(values) for name, values in rates.items()}
-  rows = []
-  for name, values in rates.items():
-    paired = statistics.median(v / m for v, m in zip(values, minimal, strict=True))
-    rows.append(
-      [
-        variants[name].description,
-        f"{medians[name]:.1f}",
-        f"{1e3 / medians[name]:.2f}",
-        f"{medians[name] / medians['minimal']:.3f}",
-        f"{paired:.3f}",
-        ", ".join(f"{v:.0f}" for v in values),
-      ]
-    )
-  ratio = medians["trainer"] / medians["minimal"]
-  shape = "x".join(map(str, config.data.synthetic_input_shape))
-  batch = config.train.global_batch_size
+
+  def paired(name: str, reference: str) -> float:
+    return statistics.median(v / r for v, r in zip(rates[name], rates[reference], strict=True))
+
+  rows = [
+    [
+      VARIANTS[name],
+      f"{medians[name]:.1f}",
+      f"{1e3 / medians[name]:.2f}",
+      f"{medians[name] / medians['minimal']:.3f}",
+      f"{paired(name, 'minimal'):.3f}",
+      ", ".join(f"{v:.0f}" for v in values),
+    ]
+    for name, values in rates.items()
+  ]
+  # Medians of per-run ratios: each run is paired with the other variants' runs of the same
+  # repeat, so drift in machine speed between repeats cancels out.
+  ratio = paired("trainer", "minimal")
+  loop_ratio = paired("trainer", "minimal_trainer_step")
+  step_ratio = paired("minimal_trainer_step", "minimal")
+  step_ms = 1e3 / medians["minimal"]
   return "\n".join(
     [
-      f"Part 1: model {config.model.name}, synthetic {shape} inputs, batch {batch}, "
-      f"{config.train.num_steps} steps per run, {len(minimal)} interleaved runs of each; "
+      f"Part 1, {setup.description}, {len(rates['minimal'])} interleaved runs of each; "
       "steps/s after the first (compiling) step",
       "",
-      _table(
+      harness.table(
         [
           "variant",
           "median steps/s",
@@ -453,14 +369,12 @@ def report_throughput(
         rows,
       ),
       "",
-      f"trainer / minimal = {ratio:.3f} (target >= 0.97: {'met' if ratio >= 0.97 else 'NOT met'})",
-      "",
-      f"Input pipelines alone (no training), batches of {batch}:",
-      "",
-      _table(
-        ["pipeline", "batches/s", "ms/batch"],
-        [[name, f"{rate:.1f}", f"{1e3 / rate:.2f}"] for name, rate in pipelines.items()],
-      ),
+      f"{setup.name}, medians of per-run ratios: trainer / minimal = {ratio:.3f} "
+      f"(target >= 0.97: {'met' if ratio >= 0.97 else 'NOT met'}); "
+      f"trainer / minimal loop with the trainer's step = {loop_ratio:.3f} (the loop around the "
+      f"step); trainer's step / hand-written step = {step_ratio:.3f} (the step's extra metrics)",
+      f"{setup.name}: the input pipeline alone delivers {pipeline_rate:.0f} batches/s "
+      f"({1e3 / pipeline_rate:.2f} ms a batch, against {step_ms:.2f} ms a minimal step)",
     ]
   )
 
@@ -492,7 +406,7 @@ def report_saves(results: list[SaveResult]) -> str:
     [
       f"Part 2: Checkpointer.save, median of {repeats} saves of each kind, interleaved (ms)",
       "",
-      _table(
+      harness.table(
         [
           "state (checkpoint size)",
           "async_save",
@@ -508,85 +422,55 @@ def report_saves(results: list[SaveResult]) -> str:
   )
 
 
-class _DropMessage(py_logging.Filter):
-  def __init__(self, message: str):
-    super().__init__()
-    self._message = message
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.getMessage() != self._message
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    raise app.UsageError(
-      "XLA_FLAGS forces several host devices; unset it: this benchmark runs on one CPU device"
-    )
-  # Orbax and grain log every save and pipeline detail at INFO.
-  logging.set_verbosity(logging.WARNING)
-  logging.get_absl_handler().addFilter(_DropMessage(_ORBAX_NO_METRICS_WARNING))
+  harness.require_one_cpu_device()
+  harness.quiet_logs()
 
-  num_steps, repeats, ckpt_repeats = _NUM_STEPS.value, _REPEATS.value, _CKPT_REPEATS.value
-  input_shape = tuple(int(d) for d in _INPUT_SHAPE.value)
+  repeats, ckpt_repeats = _REPEATS.value, _CKPT_REPEATS.value
   ckpt_shape = tuple(int(d) for d in _CKPT_INPUT_SHAPE.value)
   pipeline_batches = _PIPELINE_BATCHES.value
+  specs = {"tiny": _TINY.value, "medium": _MEDIUM.value}
+  unknown = set(_SETUPS.value) - set(specs)
+  if unknown:
+    raise app.UsageError(f"unknown setups {sorted(unknown)}; choose from {sorted(specs)}")
+  setups = [parse_setup(name, specs[name], _BATCH_SIZE.value) for name in _SETUPS.value]
   if _QUICK.value:
-    num_steps, repeats, ckpt_repeats, ckpt_shape, pipeline_batches = 300, 1, 2, (32, 32, 3), 100
-  config = throughput_config(
-    model=_MODEL.value, input_shape=input_shape, batch_size=_BATCH_SIZE.value, num_steps=num_steps
-  )
-  if _QUICK.value:
-    config.checkpoint.every_steps = 100
-  config.lock()
+    repeats, ckpt_repeats, ckpt_shape, pipeline_batches = 1, 2, (32, 32, 3), 200
+    for setup in setups:
+      setup.config.train.num_steps = 300 if setup.name == "tiny" else 100
+      setup.config.eval.every_steps = setup.config.train.num_steps
+      setup.config.checkpoint.every_steps = 100
+  for setup in setups:
+    setup.config.lock()
 
   tmp_root = tempfile.mkdtemp(prefix="trainer_overhead_", dir=_TMP_ROOT.value)
   wall_start = time.perf_counter()
+  load_before = harness.load_average()
   try:
-    batches = host_batches(config)
-    step_fns = minimal_train_step(config)
-    variants = {
-      "trainer": Variant(
-        "trainer: train_and_evaluate (log/100, async ckpt/500)",
-        lambda: run_trainer(config, tmp_root),
-      ),
-      "minimal": Variant(
-        "minimal: jit loop, hand-written step",
-        lambda: run_minimal(config, batches, step_fns),
-      ),
-      "minimal_trainer_step": Variant(
-        "diagnostic: minimal loop, trainer's jitted step",
-        lambda: run_minimal_trainer_step(config, batches),
-      ),
-      "trainer_batched_input": Variant(
-        "diagnostic: trainer, batch-level input pipeline",
-        lambda: run_trainer_batched_input(config, tmp_root),
-      ),
-    }
-    rates = {name: [] for name in variants}
+    runners = {setup.name: variant_runners(setup, tmp_root) for setup in setups}
+    rates = {setup.name: {name: [] for name in VARIANTS} for setup in setups}
     for repeat in range(repeats):
-      for name, variant in variants.items():
-        gc.collect()
-        rates[name].append(variant.run())
-      print(
-        f"repeat {repeat + 1}/{repeats}: "
-        + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items())
-        + " steps/s",
-        flush=True,
-      )
+      for setup in setups:
+        for name, run in runners[setup.name].items():
+          gc.collect()
+          rates[setup.name][name].append(run())
+        print(
+          f"repeat {repeat + 1}/{repeats}, {setup.name}: "
+          + ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates[setup.name].items())
+          + f" steps/s (load {harness.load_average()})",
+          flush=True,
+        )
     pipelines = {
-      "input_pipeline.train_iterator (as configured)": pipeline_batches_per_sec(
-        input_pipeline.train_iterator, config, pipeline_batches
-      ),
-      "batch-level pipeline (diagnostic)": pipeline_batches_per_sec(
-        batched_train_iterator, config, pipeline_batches
-      ),
+      setup.name: pipeline_batches_per_sec(setup.config, pipeline_batches) for setup in setups
     }
+    model = setups[0].config.model.name
+    shape = tuple(setups[0].config.data.synthetic_input_shape)
     saves = [
       time_saves(
-        f"{_MODEL.value} on {'x'.join(map(str, input_shape))} (part 1's model)",
-        checkpoint_config(_MODEL.value, input_shape),
+        f"{model} on {'x'.join(map(str, shape))} ({setups[0].name} setup's model)",
+        checkpoint_config(model, shape),
         ckpt_repeats,
         tmp_root,
       ),
@@ -597,15 +481,17 @@ def main(argv: list[str]) -> None:
         tmp_root,
       ),
     ]
-    profile = profile_trainer(config, tmp_root) if _PROFILE.value else None
+    profile = profile_trainer(setups[0].config, tmp_root) if _PROFILE.value else None
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
 
   print()
-  print("command: " + " ".join([os.path.relpath(sys.executable), *sys.argv]))
-  print("\n".join(machine_description()))
-  print()
-  print(report_throughput(config, variants, rates, pipelines))
+  print("command: " + harness.command_line())
+  print("\n".join(harness.machine_description()))
+  print(f"load average: {load_before} at the start, {harness.load_average()} at the end")
+  for setup in setups:
+    print()
+    print(report_setup(setup, rates[setup.name], pipelines[setup.name]))
   print()
   print(report_saves(saves))
   if profile:

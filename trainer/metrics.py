@@ -20,6 +20,10 @@ from trainer.errors import NonFiniteError
 # Metrics that stop the run when they stop being finite.
 _GUARDED_METRICS = ("train/loss", "train/grad_norm")
 
+# Stacks one metric's pending per-step scalars in one dispatch; `jnp.stack` outside jit
+# dispatches once per step (an expand_dims each), ~40 us per step at every logging interval.
+_stack = jax.jit(jnp.stack)
+
 
 class MetricWriter:
   """TensorBoard writer that is live on process 0 and a no-op everywhere else.
@@ -97,7 +101,7 @@ class StepMetrics:
     """Reads the pending steps back and raises NonFiniteError naming the first bad one."""
     if not self._on_device:
       return
-    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self._on_device))
+    stacked = jax.device_get(jax.tree.map(lambda *xs: _stack(xs), *self._on_device))
     checked = len(next(iter(self._on_host.values()), ()))
     self._on_device = []
     self._on_host = {
