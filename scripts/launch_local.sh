@@ -71,7 +71,7 @@ while ((${#running[@]} > 0)); do
   else
     code=$?
   fi
-  if [[ -z "$finished" ]]; then
+  if [[ -z "${finished:-}" ]]; then
     # Our own wait was interrupted by the trap (the processes are saving their checkpoint) or
     # nothing is left to wait for.
     ((code > 128)) && continue
