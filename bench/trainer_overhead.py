@@ -68,7 +68,7 @@ _TINY = flags.DEFINE_string(
 _MEDIUM = flags.DEFINE_string(
   "medium", "cnn:8x8x1:500", "The medium-step setup, as model:input shape:steps per run."
 )
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved runs of each variant (part 1).")
+_REPEATS = flags.DEFINE_integer("repeats", 6, "Interleaved runs of each variant (part 1).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch (part 1).")
 _PIPELINE_BATCHES = flags.DEFINE_integer(
   "pipeline_batches", 1000, "Batches read when timing the input pipeline alone."
