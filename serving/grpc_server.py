@@ -1,6 +1,5 @@
-"""TF Serving's gRPC API: PredictionService (Predict, GetModelMetadata) and ModelService
-(GetModelStatus). Other methods (Classify, Regress, MultiInference, HandleReloadConfigRequest)
-answer UNIMPLEMENTED."""
+"""TF Serving's gRPC API: PredictionService (Predict, Classify, Regress, GetModelMetadata) and
+ModelService (GetModelStatus, HandleReloadConfigRequest). MultiInference answers UNIMPLEMENTED."""
 
 from __future__ import annotations
 
@@ -10,17 +9,22 @@ from concurrent import futures
 import grpc
 import numpy as np
 from absl import logging
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
   get_model_metadata_pb2,
   get_model_status_pb2,
+  model_management_pb2,
   model_service_pb2_grpc,
   predict_pb2,
   prediction_service_pb2_grpc,
 )
 
+from serving import classify_regress
 from serving.metrics import Metrics
 from serving.model_manager import ModelRegistry, ServingError
 
+# The services whose health the standard health service reports, besides the server's ("").
+SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 # tensorflow.error.Code of a version whose load failed.
 _ERROR_UNKNOWN = 2
 
@@ -92,6 +96,24 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     return self.handler("Predict", request.model_spec, context, predict)
 
+  def Classify(self, request, context):
+    def classify():
+      classify_regress.check_model_spec(request)
+      spec = request.model_spec
+      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      return classify_regress.classify(served, request), served.version
+
+    return self.handler("Classify", request.model_spec, context, classify)
+
+  def Regress(self, request, context):
+    def regress():
+      classify_regress.check_model_spec(request)
+      spec = request.model_spec
+      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      return classify_regress.regress(served, request), served.version
+
+    return self.handler("Regress", request.model_spec, context, regress)
+
   def GetModelMetadata(self, request, context):
     def metadata():
       unsupported = [f for f in request.metadata_field if f != "signature_def"]
@@ -134,6 +156,36 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     return self.handler("GetModelStatus", request.model_spec, context, status)
 
+  def HandleReloadConfigRequest(self, request, context):
+    """Serves exactly the request's ModelServerConfig (see ModelRegistry.reload); answers when
+    the new models are loaded. A failure is the RPC's status and the response's."""
+    from serving import model_config
+
+    start = time.perf_counter()
+    response = model_management_pb2.ReloadConfigResponse()
+    code, message = grpc.StatusCode.OK, ""
+    try:
+      try:
+        configs = model_config.from_proto(request.config, "the ReloadConfigRequest's config")
+      except ValueError as e:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+      self.manager.reload(configs)
+    except ServingError as e:
+      code, message = e.code, e.message
+    except Exception as e:
+      logging.exception("HandleReloadConfigRequest failed")
+      code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    self.handler.metrics.observe(
+      "grpc", "HandleReloadConfigRequest", "", None, code.name, time.perf_counter() - start
+    )
+    response.status.error_code = code.value[0]
+    response.status.error_message = message
+    if code != grpc.StatusCode.OK:
+      logging.error("HandleReloadConfigRequest failed: %s", message)
+      context.abort(code, message)
+    logging.info("Reloaded the model config: %s", sorted(self.manager.managers))
+    return response
+
 
 def build(
   manager: ModelRegistry,
@@ -142,8 +194,10 @@ def build(
   *,
   max_request_size_bytes: int,
   max_threads: int,
-) -> tuple[grpc.Server, int]:
-  """A started gRPC server on `address` ("host:port"); returns it and the bound port."""
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+  """A started gRPC server on `address` ("host:port"); returns it, the bound port (0 if it could
+  not bind) and its health service (grpc.health.v1: SERVING for "" and both TF Serving
+  services once started; `enter_graceful_shutdown()` turns them NOT_SERVING)."""
   server = grpc.server(
     futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
     options=[
@@ -156,6 +210,14 @@ def build(
     PredictionServicer(handler), server
   )
   model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(handler), server)
-  port = server.add_insecure_port(address)
-  server.start()
-  return server, port
+  health_servicer = health.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  try:
+    port = server.add_insecure_port(address)
+  except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0.
+    port = 0
+  if port:
+    server.start()
+    for service in ("", *SERVICES):
+      health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+  return server, port, health_servicer

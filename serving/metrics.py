@@ -5,13 +5,14 @@ from __future__ import annotations
 import prometheus_client as prom
 
 # Seconds; a digits request on CPU takes ~1 ms, a language model's `generate` up to seconds.
+BATCH_SIZE_BUCKETS = tuple(2**i for i in range(11))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
   """One registry per server (no global state); thread-safe, as prometheus_client is."""
 
-  def __init__(self, model_names: list[str]):
+  def __init__(self, model_names: list[str] = ()):
     self.model_names = frozenset(model_names)
     self.registry = prom.CollectorRegistry()
     self.requests = prom.Counter(
@@ -27,6 +28,29 @@ class Metrics:
       buckets=LATENCY_BUCKETS,
       registry=self.registry,
     )
+
+    self.batch_size = prom.Histogram(
+      "serving_batch_size",
+      "Rows of requests merged into one run by server-side batching (--enable_batching).",
+      ["model", "version"],
+      buckets=BATCH_SIZE_BUCKETS,
+      registry=self.registry,
+    )
+    self.padding_rows = prom.Counter(
+      "serving_batch_padding_rows",
+      "Rows added to batches to reach one of allowed_batch_sizes.",
+      ["model", "version"],
+      registry=self.registry,
+    )
+
+  def set_model_names(self, model_names: list[str]) -> None:
+    """The configured models, whose names may be label values (a config reload changes them)."""
+    self.model_names = frozenset(model_names)
+
+  def observe_batch(self, model: str, version: int, rows: int, padded_rows: int) -> None:
+    self.batch_size.labels(model, str(version)).observe(rows)
+    if padded_rows > rows:
+      self.padding_rows.labels(model, str(version)).inc(padded_rows - rows)
 
   def observe(
     self, api: str, method: str, model: str, version: int | None, code: str, seconds: float

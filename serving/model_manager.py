@@ -13,8 +13,8 @@ the configured base path: nothing in a request becomes a filesystem path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import re
 import threading
 import time
 
@@ -22,23 +22,17 @@ import grpc
 import numpy as np
 from absl import logging
 
+from serving.batching import BatchScheduler
+from serving.errors import ServingError
+from serving.model_config import ModelConfig, VersionPolicy
+
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # TF Serving replays at most this many warmup records.
 MAX_WARMUP_RECORDS = 1000
 DEFAULT_SIGNATURE = "serving_default"
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 # tensorflow.serving.ModelVersionStatus.State
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
-
-
-class ServingError(Exception):
-  """A request that cannot be served; `code` is the gRPC status TF Serving would answer."""
-
-  def __init__(self, code: grpc.StatusCode, message: str):
-    super().__init__(message)
-    self.code = code
-    self.message = message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +51,19 @@ class SignatureInfo:
   inputs: dict[str, TensorSpec]
   outputs: dict[str, TensorSpec]
 
+  @property
+  def batchable(self) -> bool:
+    """Whether every input and output leads with a batch dimension of any size."""
+    specs = [*self.inputs.values(), *self.outputs.values()]
+    return all(s.shape is not None and s.shape[:1] == (-1,) for s in specs)
+
 
 class LoadedVersion:
   """One loaded SavedModel version. Thread-safe: `run` may be called from many threads."""
 
-  def __init__(self, model_name: str, version: int, path: str):
+  def __init__(
+    self, model_name: str, version: int, path: str, batch_scheduler: BatchScheduler | None = None
+  ):
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -69,6 +71,7 @@ class LoadedVersion:
     self.version = version
     self.path = path
     self._tf = tf
+    self._batch_scheduler = batch_scheduler
     self._loaded = tf.saved_model.load(path, tags=["serve"])
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
       saved_model = saved_model_pb2.SavedModel.FromString(f.read())
@@ -97,8 +100,8 @@ class LoadedVersion:
   def run(
     self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()
   ) -> dict[str, np.ndarray]:
-    """Validates `inputs` against the signature and runs it. Raises ServingError."""
-    tf = self._tf
+    """Validates `inputs` against the signature and runs it (batched with other requests when
+    the server batches). Raises ServingError."""
     signature = self.signature(signature_name)
     _check_inputs(signature, inputs)
     unknown = sorted(set(output_filter) - set(signature.outputs))
@@ -108,13 +111,22 @@ class LoadedVersion:
         f"output tensor alias not found in signature: {', '.join(unknown)}; "
         f"signature {signature.name} has outputs {sorted(signature.outputs)}",
       )
-    function = self._loaded.signatures[signature.name]
+    execute = functools.partial(self._execute, signature.name)
+    if self._batch_scheduler is not None and signature.batchable:
+      outputs = self._batch_scheduler.run(self, signature.name, inputs, execute)
+    else:
+      outputs = execute(inputs)
+    wanted = set(output_filter) or set(outputs)
+    return {k: v for k, v in outputs.items() if k in wanted}
+
+  def _execute(self, signature_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    tf = self._tf
+    function = self._loaded.signatures[signature_name]
     try:
       result = function(**{k: tf.constant(v) for k, v in inputs.items()})
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
       raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip()) from e
-    wanted = set(output_filter) or set(result)
-    return {k: v.numpy() for k, v in result.items() if k in wanted}
+    return {k: v.numpy() for k, v in result.items()}
 
   def warm_up(self) -> int:
     """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs); returns how many ran."""
@@ -181,31 +193,6 @@ def _check_inputs(signature: SignatureInfo, inputs: dict[str, np.ndarray]) -> No
       )
 
 
-@dataclasses.dataclass(frozen=True)
-class VersionPolicy:
-  """TF Serving's ServableVersionPolicy: `latest` (the newest `num_versions`), `all`, or
-  `specific` (the listed `versions`, those on disk)."""
-
-  kind: str = "latest"
-  num_versions: int = 1
-  versions: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if self.kind not in ("latest", "all", "specific"):
-      raise ValueError(f"version policy {self.kind!r} is not one of latest, all, specific")
-    if self.kind == "latest" and self.num_versions < 1:
-      raise ValueError(f"latest {{num_versions: {self.num_versions}}} must be at least 1")
-    if self.kind == "specific" and not self.versions:
-      raise ValueError("a specific version policy needs at least one version")
-
-  def aspired(self, on_disk: set[int]) -> set[int]:
-    if self.kind == "all":
-      return set(on_disk)
-    if self.kind == "specific":
-      return on_disk & set(self.versions)
-    return set(sorted(on_disk)[-self.num_versions :])
-
-
 @dataclasses.dataclass
 class VersionStatus:
   version: int
@@ -215,7 +202,7 @@ class VersionStatus:
 
 
 class ModelManager:
-  """Serves one model: `name` -> the versions under `base_path` that `version_policy` chooses.
+  """Serves one model: the versions under its base path that its version policy chooses.
 
   Call `poll()` once to load what is there (blocking), then `start()` to poll every
   `poll_wait_seconds` in a background thread; `stop()` ends polling. Lookups are thread-safe.
@@ -223,24 +210,20 @@ class ModelManager:
 
   def __init__(
     self,
-    name: str,
-    base_path: str,
+    config: ModelConfig,
     *,
     poll_wait_seconds: float = 1.0,
-    version_labels: dict[str, int] | None = None,
-    version_policy: VersionPolicy = VersionPolicy(),
+    batch_scheduler: BatchScheduler | None = None,
   ):
-    if not _MODEL_NAME.match(name):
-      raise ValueError(
-        f"--model_name={name!r} is not a valid model name: use letters, digits, '_', '.', '-' "
-        "(at most 128, not starting with '.' or '-')"
-      )
-    self.name = name
-    self.base_path = os.path.abspath(base_path)
+    self.name = config.name
+    self.base_path = os.path.abspath(config.base_path)
     self.poll_wait_seconds = poll_wait_seconds
-    self.version_labels = dict(version_labels or {})
-    self.version_policy = version_policy
+    self.batch_scheduler = batch_scheduler
+    self.version_policy = config.version_policy
+    self.version_labels = dict(config.version_labels)
     self._lock = threading.Lock()
+    # One poll at a time: the poller thread and a config reload may both poll.
+    self._poll_lock = threading.Lock()
     self._served: dict[int, LoadedVersion] = {}
     self._status: dict[int, VersionStatus] = {}
     self._stop = threading.Event()
@@ -254,13 +237,13 @@ class ModelManager:
     if name != self.name:
       raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {name!r}")
     if label:
-      if label not in self.version_labels:
+      labels = self.version_labels
+      if label not in labels:
         raise ServingError(
           grpc.StatusCode.INVALID_ARGUMENT,
-          f"Unrecognized servable version label: {label}; model {name} has labels "
-          f"{sorted(self.version_labels)}",
+          f"Unrecognized servable version label: {label}; model {name} has labels {sorted(labels)}",
         )
-      version = self.version_labels[label]
+      version = labels[label]
     with self._lock:
       if version is None:
         if not self._served:
@@ -281,11 +264,12 @@ class ModelManager:
     if name != self.name:
       raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
     if label:
-      if label not in self.version_labels:
+      labels = self.version_labels
+      if label not in labels:
         raise ServingError(
           grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}"
         )
-      version = self.version_labels[label]
+      version = labels[label]
     with self._lock:
       statuses = [dataclasses.replace(s) for _, s in sorted(self._status.items())]
     if version is not None:
@@ -296,16 +280,38 @@ class ModelManager:
         )
     return statuses
 
+  def unavailable_labels(self, labels: dict[str, int]) -> dict[str, int]:
+    """The labels of `labels` that name a version not served now."""
+    with self._lock:
+      return {label: v for label, v in labels.items() if v not in self._served}
+
+  # Configuration (from a config reload).
+
+  def set_version_policy(self, policy: VersionPolicy) -> None:
+    """Applies `policy` from the next poll on."""
+    self.version_policy = policy
+
+  def set_version_labels(self, labels: dict[str, int]) -> None:
+    self.version_labels = dict(labels)  # One reference swap: lookups see old or new, never half.
+
   # Polling.
 
   def start(self) -> None:
-    self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+    self._thread = threading.Thread(
+      target=self._poll_loop, name=f"model-poller-{self.name}", daemon=True
+    )
     self._thread.start()
 
   def stop(self) -> None:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=60)
+
+  def unload_all(self, reason: str) -> None:
+    """Stops polling and unloads every version (the model left the config)."""
+    self.stop()
+    with self._poll_lock:
+      self._unload(set(self._served), reason=reason)
 
   def _poll_loop(self) -> None:
     while not self._stop.wait(self.poll_wait_seconds):
@@ -317,6 +323,10 @@ class ModelManager:
   def poll(self) -> None:
     """One pass: load the versions the policy aspires to (newest first), then unload the others
     once one aspired version serves; unload versions removed from disk."""
+    with self._poll_lock:
+      self._poll()
+
+  def _poll(self) -> None:
     try:
       on_disk = {int(d) for d in os.listdir(self.base_path) if d.isdigit()}
     except OSError as e:
@@ -344,7 +354,7 @@ class ModelManager:
     self._set_status(version, LOADING)
     start = time.perf_counter()
     try:
-      loaded = LoadedVersion(self.name, version, path)
+      loaded = LoadedVersion(self.name, version, path, self.batch_scheduler)
       warmup_count = loaded.warm_up()
     except Exception as e:  # Any failure of a user's SavedModel is that version's error.
       message = f"{type(e).__name__}: {str(e).strip() or e!r}"
@@ -377,20 +387,25 @@ class ModelManager:
 
 
 class ModelRegistry:
-  """The models a server serves, by name; the same lookups as a ModelManager."""
+  """The models a server serves, by name; the same lookups as a ModelManager, and `reload` to
+  change the set of models, their version policies and labels while serving."""
 
-  def __init__(self, managers: list[ModelManager]):
-    self.managers = {m.name: m for m in managers}
-    if len(self.managers) != len(managers):
-      raise ValueError(f"model names repeat: {sorted(m.name for m in managers)}")
-    bases = [m.base_path for m in managers]
-    if len(set(bases)) != len(bases):
-      raise ValueError(f"models share a base path: {sorted(bases)}")
+  def __init__(
+    self, *, poll_wait_seconds: float = 1.0, batch_scheduler: BatchScheduler | None = None
+  ):
+    self.poll_wait_seconds = poll_wait_seconds
+    self.batch_scheduler = batch_scheduler
+    # Replaced whole by `reload`, never mutated: lookups read one consistent dict.
+    self.managers: dict[str, ModelManager] = {}
+    self._reload_lock = threading.Lock()
+    self._polling = False
+    self.on_models_changed: list = []  # Callbacks taking the new model names.
 
   def _get(self, name: str, message: str) -> ModelManager:
-    if name not in self.managers:
+    manager = self.managers.get(name)
+    if manager is None:
       raise ServingError(grpc.StatusCode.NOT_FOUND, message)
-    return self.managers[name]
+    return manager
 
   def resolve(self, name: str, version: int | None = None, label: str = "") -> LoadedVersion:
     manager = self._get(name, f"Servable not found for request: {name!r}")
@@ -400,14 +415,70 @@ class ModelRegistry:
     manager = self._get(name, f"Could not find any versions of model {name}")
     return manager.status(name, version, label)
 
-  def poll(self) -> None:
-    for manager in self.managers.values():
-      manager.poll()
+  def reload(self, configs: list[ModelConfig]) -> None:
+    """Serves exactly `configs`, as TF Serving's ReloadConfig: new models are loaded (blocking),
+    kept models take their new version policy (polled now), models left out are unloaded, and
+    then the version labels are applied. Raises ServingError: INVALID_ARGUMENT for a config
+    that cannot be served (nothing changes), FAILED_PRECONDITION for a label naming a version
+    that is not available (the models change, the labels stay as they were)."""
+    with self._reload_lock:
+      bases = [os.path.abspath(c.base_path) for c in configs]
+      if len(set(bases)) != len(bases) or len({c.name for c in configs}) != len(configs):
+        raise ServingError(
+          grpc.StatusCode.INVALID_ARGUMENT,
+          f"models must have distinct names and base paths; got {[(c.name, c.base_path) for c in configs]}",
+        )
+      old = self.managers
+      managers = {}
+      for config, base in zip(configs, bases, strict=True):
+        manager = old.get(config.name)
+        if manager is None or manager.base_path != base:
+          manager = ModelManager(
+            config,
+            poll_wait_seconds=self.poll_wait_seconds,
+            batch_scheduler=self.batch_scheduler,
+          )
+          if config.version_labels:  # Labels wait until the versions they name are loaded.
+            manager.set_version_labels({})
+        else:
+          manager.set_version_policy(config.version_policy)
+        managers[config.name] = manager
+      for manager in managers.values():
+        manager.poll()
+      self.managers = managers
+      for name, manager in old.items():
+        if managers.get(name) is not manager:
+          manager.unload_all(reason="removed from the model config")
+      if self._polling:
+        for name, manager in managers.items():
+          if old.get(name) is not manager:
+            manager.start()
+      for callback in self.on_models_changed:
+        callback(list(managers))
+      dangling = {c.name: managers[c.name].unavailable_labels(c.version_labels) for c in configs}
+      dangling = {name: labels for name, labels in dangling.items() if labels}
+      if dangling:
+        raise ServingError(
+          grpc.StatusCode.FAILED_PRECONDITION,
+          "version labels may only name available versions; not available: "
+          + "; ".join(
+            f"model {name}: " + ", ".join(f"{label}={v}" for label, v in sorted(labels.items()))
+            for name, labels in sorted(dangling.items())
+          )
+          + " (labels left unchanged)",
+        )
+      for config in configs:
+        managers[config.name].set_version_labels(config.version_labels)
 
   def start(self) -> None:
-    for manager in self.managers.values():
-      manager.start()
+    """Starts polling every model's base path (models added by later reloads poll too)."""
+    with self._reload_lock:
+      self._polling = True
+      for manager in self.managers.values():
+        manager.start()
 
   def stop(self) -> None:
-    for manager in self.managers.values():
-      manager.stop()
+    with self._reload_lock:
+      self._polling = False
+      for manager in self.managers.values():
+        manager.stop()

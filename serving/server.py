@@ -19,7 +19,9 @@ from absl import app, flags, logging
 
 _PORT = flags.DEFINE_integer("port", 8500, "gRPC port.")
 _REST_API_PORT = flags.DEFINE_integer("rest_api_port", 0, "REST port; 0 disables REST.")
-_HOST = flags.DEFINE_string("host", "0.0.0.0", "Address both APIs listen on.")
+_HOST = flags.DEFINE_string(
+  "host", "127.0.0.1", "Address both APIs listen on; 0.0.0.0 (all interfaces) must be asked for."
+)
 _MODEL_NAME = flags.DEFINE_string("model_name", "default", "Name the model is served under.")
 _MODEL_BASE_PATH = flags.DEFINE_string(
   "model_base_path", None, "Directory of numeric version directories (an export base)."
@@ -28,8 +30,22 @@ _MODEL_CONFIG_FILE = flags.DEFINE_string(
   "model_config_file",
   None,
   "A text ModelServerConfig (model_config_list: name, base_path, model_version_policy, "
-  "version_labels) serving several models; replaces --model_name and --model_base_path. Read "
-  "once at start.",
+  "version_labels) serving several models; replaces --model_name and --model_base_path.",
+)
+_MODEL_CONFIG_FILE_POLL_WAIT = flags.DEFINE_integer(
+  "model_config_file_poll_wait_seconds",
+  0,
+  "Seconds between reads of --model_config_file; a changed file is applied as a "
+  "HandleReloadConfigRequest would be. 0: read once at start.",
+)
+_ENABLE_BATCHING = flags.DEFINE_bool(
+  "enable_batching", False, "Merge concurrent requests to a signature into batches."
+)
+_BATCHING_PARAMETERS_FILE = flags.DEFINE_string(
+  "batching_parameters_file",
+  None,
+  "A text BatchingParameters (max_batch_size, batch_timeout_micros, max_enqueued_batches, "
+  "num_batch_threads, allowed_batch_sizes); implies --enable_batching.",
 )
 _POLL_WAIT = flags.DEFINE_float(
   "file_system_poll_wait_seconds", 1.0, "Seconds between polls of the base path for versions."
@@ -43,26 +59,17 @@ _GRPC_MAX_THREADS = flags.DEFINE_integer(
 _VERSION_LABELS = flags.DEFINE_list(
   "version_labels",
   [],
-  "label=version pairs (e.g. stable=1,canary=2) for model_spec.version_label; TF Serving takes "
-  "these from --model_config_file, which this server does not read yet.",
+  "label=version pairs (e.g. stable=1,canary=2) for model_spec.version_label, with "
+  "--model_base_path (TF Serving takes labels only from --model_config_file, as does this "
+  "server when one is given).",
 )
 _SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )
 
 
-def _parse_labels(pairs: list[str]) -> dict[str, int]:
-  labels = {}
-  for pair in pairs:
-    label, _, version = pair.partition("=")
-    if not label or not version.isdigit():
-      raise app.UsageError(f"--version_labels entry {pair!r} is not label=version (e.g. stable=1)")
-    labels[label] = int(version)
-  return labels
-
-
-def _model_registry():
-  from serving import model_config, model_manager
+def _model_configs():
+  from serving import model_config
 
   if _MODEL_CONFIG_FILE.value and _MODEL_BASE_PATH.value:
     raise app.UsageError("give --model_config_file or --model_base_path, not both")
@@ -72,31 +79,84 @@ def _model_registry():
     if _MODEL_CONFIG_FILE.value:
       if _VERSION_LABELS.value:
         raise ValueError("with --model_config_file, version labels go in the file")
-      managers = model_config.read(_MODEL_CONFIG_FILE.value, poll_wait_seconds=_POLL_WAIT.value)
-    else:
-      managers = [
-        model_manager.ModelManager(
-          _MODEL_NAME.value,
-          _MODEL_BASE_PATH.value,
-          poll_wait_seconds=_POLL_WAIT.value,
-          version_labels=_parse_labels(_VERSION_LABELS.value),
-        )
-      ]
-    return model_manager.ModelRegistry(managers)
+      return model_config.read(_MODEL_CONFIG_FILE.value)
+    return [
+      model_config.ModelConfig(
+        _MODEL_NAME.value,
+        _MODEL_BASE_PATH.value,
+        version_labels=model_config.parse_labels(_VERSION_LABELS.value),
+      )
+    ]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+
+
+def _batch_scheduler(server_metrics):
+  from serving import batching
+
+  if not (_ENABLE_BATCHING.value or _BATCHING_PARAMETERS_FILE.value):
+    return None
+  try:
+    options = batching.read_batching_parameters(_BATCHING_PARAMETERS_FILE.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  logging.info("Batching: %s", options)
+  return batching.BatchScheduler(options, server_metrics.observe_batch)
+
+
+def _watch_model_config_file(registry, path: str, every_seconds: int, stop: threading.Event):
+  """Applies `path` whenever its text changes; retries a text that failed to apply (a label
+  may name a version still being exported), logging each distinct error once."""
+  from serving import model_config
+  from serving.errors import ServingError
+
+  applied, error = None, None
+  while not stop.wait(every_seconds):
+    try:
+      with open(path) as f:
+        text = f.read()
+      if text == applied and error is None:
+        continue
+      applied = text
+      registry.reload(model_config.parse(text, f"--model_config_file={path}"))
+      if error is not None:
+        logging.info("Applied --model_config_file=%s", path)
+      error = None
+    except (OSError, ValueError, ServingError) as e:
+      message = e.message if isinstance(e, ServingError) else str(e)
+      if message != error:
+        logging.error("Not applying --model_config_file=%s: %s", path, message)
+      error = message
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from serving import grpc_server, metrics, rest
+  from serving import grpc_server, metrics, model_manager, rest
+  from serving.errors import ServingError
 
-  registry = _model_registry()
-  server_metrics = metrics.Metrics(list(registry.managers))
-  registry.poll()  # The ports open once the initial versions are loaded (or failed).
+  configs = _model_configs()
+  server_metrics = metrics.Metrics()
+  batch_scheduler = _batch_scheduler(server_metrics)
+  registry = model_manager.ModelRegistry(
+    poll_wait_seconds=_POLL_WAIT.value, batch_scheduler=batch_scheduler
+  )
+  registry.on_models_changed.append(server_metrics.set_model_names)
+  try:
+    registry.reload(configs)  # The ports open once the initial versions are loaded (or failed).
+  except ServingError as e:
+    logging.error("Cannot serve the configured models: %s", e.message)
+    sys.exit(1)
   registry.start()
-  grpc, grpc_port = grpc_server.build(
+  stop = threading.Event()
+  if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
+    threading.Thread(
+      target=_watch_model_config_file,
+      args=(registry, _MODEL_CONFIG_FILE.value, _MODEL_CONFIG_FILE_POLL_WAIT.value, stop),
+      name="model-config-watcher",
+      daemon=True,
+    ).start()
+  grpc, grpc_port, health = grpc_server.build(
     registry,
     server_metrics,
     f"{_HOST.value}:{_PORT.value}",
@@ -117,24 +177,27 @@ def main(argv: list[str]) -> None:
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(
-    "Serving %s: gRPC on %s:%d, REST on %s",
+    "Serving %s: gRPC on %s:%d, REST on %s%s",
     ", ".join(f"{m.name} from {m.base_path}" for m in registry.managers.values()),
     _HOST.value,
     grpc_port,
     f"{_HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
+    ", batching" if batch_scheduler else "",
   )
 
-  stop = threading.Event()
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
   while not stop.wait(0.5):  # A timed wait lets the signal handler run promptly.
     pass
   logging.info("Shutting down: finishing requests in flight")
+  health.enter_graceful_shutdown()  # Health checks answer NOT_SERVING from here on.
   if httpd:
     httpd.shutdown()  # Stops accepting; server_close() joins the handler threads.
   grpc.stop(grace=_SHUTDOWN_GRACE.value).wait()
   if httpd:
     httpd.server_close()
+  if batch_scheduler:
+    batch_scheduler.stop()
   registry.stop()
   logging.info("Stopped")
 

@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (  # noqa: E402
 )
 
 from configs import lm as lm_config  # noqa: E402
-from serving import export, inference, model_manager, rest  # noqa: E402
+from serving import export, inference, model_config, model_manager, rest  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from trainer import train  # noqa: E402
 
@@ -394,7 +394,7 @@ def test_rest_rejects_bodies_it_cannot_or_should_not_read(server, head, answer):
 @pytest.mark.parametrize("name", ["../digits", "/etc", "", ".hidden", "a/b", "x" * 129])
 def test_model_names_that_could_leave_the_base_path_are_rejected(name, tmp_path):
   with pytest.raises(ValueError, match="is not a valid model name"):
-    model_manager.ModelManager(name, str(tmp_path))
+    model_config.ModelConfig(name, str(tmp_path))
 
 
 def test_rest_dtype_checks():
@@ -719,8 +719,137 @@ def test_version_policies(kind, num_versions, versions, on_disk, aspired):
   ],
 )
 def test_bad_model_config_files(text, message, tmp_path):
-  from serving import model_config
 
   (tmp_path / "models.config").write_text(text)
   with pytest.raises(ValueError, match=message):
-    model_config.read(str(tmp_path / "models.config"), poll_wait_seconds=1)
+    model_config.read(str(tmp_path / "models.config"))
+
+
+def test_grpc_health_service(server):
+  from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+  stub = health_pb2_grpc.HealthStub(server.channel)
+  for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+  with pytest.raises(grpc.RpcError) as error:
+    stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+  assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _digits_config(base: str, labels: dict[str, int]) -> str:
+  return f"""model_config_list {{
+    config {{
+      name: "digits"
+      base_path: "{base}"
+      model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+      {" ".join(f'version_labels {{ key: "{k}" value: {v} }}' for k, v in labels.items())}
+    }}
+  }}"""
+
+
+@pytest.fixture(scope="module")
+def batching_server(server, tmp_path_factory):
+  """Digits versions 1 and 2 (labels stable=1, canary=2) from a --model_config_file read every
+  second, with server-side batching (up to 32 rows; a batch waits at most 20 ms)."""
+  root = tmp_path_factory.mktemp("batching")
+  for version in ("1", "2"):
+    shutil.copytree(os.path.join(server.base, "1"), root / "digits" / version)
+  (root / "models.config").write_text(_digits_config(root / "digits", {"stable": 1, "canary": 2}))
+  (root / "batching.config").write_text(
+    "max_batch_size { value: 32 } batch_timeout_micros { value: 20000 } "
+    "max_enqueued_batches { value: 1000 } num_batch_threads { value: 2 }"
+  )
+  server = Server(
+    str(root / "digits"),
+    str(root / "server.log"),
+    models_args=[
+      f"--model_config_file={root / 'models.config'}",
+      "--model_config_file_poll_wait_seconds=1",
+      f"--batching_parameters_file={root / 'batching.config'}",
+    ],
+  )
+  try:
+    server.wait_ready()
+    yield server, root
+  finally:
+    server.stop()
+
+
+def _batches(server, version: int) -> tuple[float, float, float]:
+  """(batches, rows, batches of one row) that server-side batching ran on digits `version`."""
+  from prometheus_client.parser import text_string_to_metric_families
+
+  with urllib.request.urlopen(server.url + "/monitoring/prometheus/metrics", timeout=30) as r:
+    text = r.read().decode()
+  values = {}
+  for family in text_string_to_metric_families(text):
+    for sample in family.samples if family.name == "serving_batch_size" else ():
+      if sample.labels["version"] == str(version) and sample.labels.get("le", "1.0") == "1.0":
+        values[sample.name] = sample.value
+  return tuple(values.get(f"serving_batch_size_{kind}", 0.0) for kind in ("count", "sum", "bucket"))
+
+
+def test_batching_merges_concurrent_requests_and_answers_as_unbatched(
+  batching_server, pixels, expected
+):
+  server = batching_server[0]
+  before = _batches(server, 2)
+  requests = [(i % 40, i % 40 + 1 + i % 3) for i in range(48)]  # 1 to 3 rows each.
+
+  def predict(rows):
+    response = server.predict_stub.Predict(_predict_request(pixels[slice(*rows)]), timeout=30)
+    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(predict, requests))
+  for rows, outputs in zip(requests, answers, strict=True):
+    _check_outputs(outputs, expected, slice(*rows))
+  batches, rows, single_rows = (b - a for a, b in zip(before, _batches(server, 2), strict=True))
+  assert rows == sum(b - a for a, b in requests)
+  assert batches < len(requests)  # Merged: fewer runs than requests...
+  assert batches > single_rows  # ...and some of them held more than one row.
+
+
+def _label_version(server, label: str) -> int:
+  request = _predict_request(np.zeros((1, 64), np.float32), version_label=label)
+  return server.predict_stub.Predict(request, timeout=30).model_spec.version.value
+
+
+def test_a_version_label_moves_in_a_reloaded_config(batching_server):
+  from tensorflow_serving.apis import model_management_pb2
+  from tensorflow_serving.config import model_server_config_pb2
+
+  server, root = batching_server
+  assert _label_version(server, "canary") == 2
+  # The config file is polled: moving the label there takes effect within a few polls.
+  (root / "models.config").write_text(_digits_config(root / "digits", {"stable": 1, "canary": 1}))
+  _wait_for(lambda: _label_version(server, "canary") == 1, 15, "label moved by the config file")
+
+  def reload(labels):
+    from google.protobuf import text_format
+
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(_digits_config(root / "digits", labels), request.config)
+    return server.model_stub.HandleReloadConfigRequest(request, timeout=60)
+
+  response = reload({"stable": 1, "canary": 2})  # HandleReloadConfigRequest takes effect at once.
+  assert response.status.error_code == 0
+  assert _label_version(server, "canary") == 2
+
+  with pytest.raises(grpc.RpcError) as error:
+    reload({"canary": 3})  # Version 3 is not available: nothing changes.
+  assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+  assert "canary=3" in error.value.details()
+  assert _label_version(server, "canary") == 2 and _label_version(server, "stable") == 1
+
+  request = model_management_pb2.ReloadConfigRequest(
+    config=model_server_config_pb2.ModelServerConfig()
+  )
+  with pytest.raises(grpc.RpcError) as error:
+    server.model_stub.HandleReloadConfigRequest(request, timeout=60)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert _label_version(server, "canary") == 2
+  # The file (canary=1) was applied once; a reload over RPC is not undone by the next poll.
+  time.sleep(2.5)
+  assert _label_version(server, "canary") == 2
