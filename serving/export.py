@@ -86,6 +86,7 @@ def export(
   try:
     with _calling_convention(calling_convention_version):
       _save_saved_model(model, signature_list, tmp_path, platforms)
+    set_method_names(tmp_path, {s.name: s.method_name for s in signature_list})
     errors = parity.check(tmp_path, model.variables, signature_list, dtype=model.config.model.dtype)
     _write_assets(tmp_path, model, signature_list, workdir, platforms, errors)
     os.rename(tmp_path, final_path)  # Atomic on one filesystem: servers never see half a model.
@@ -178,10 +179,44 @@ def _save_saved_model(model, signature_list, path: str, platforms: tuple[str, ..
           for name, (shape, dtype) in s.inputs.items()
         }
       ],
+      tf_preprocessor=s.tf_preprocessor,
+      tf_postprocessor=s.tf_postprocessor,
     )
     for s in signature_list
   ]
   oex.ExportManager(module, configs).save(path)
+
+
+def set_method_names(path: str, method_names: dict[str, str]) -> None:
+  """Sets the method_name of the SavedModel's signatures in `path/saved_model.pb` (and updates
+  its fingerprint.pb): tf.saved_model.save writes tensorflow/serving/predict for every signature,
+  but TF Serving's Classify and Regress RPCs need tensorflow/serving/classify and .../regress.
+
+  `method_names` maps signature name -> method name. Raises KeyError for a signature the
+  SavedModel lacks.
+  """
+  from tensorflow.core.protobuf import saved_model_pb2
+  from tensorflow.python.saved_model import fingerprinting_utils
+
+  pb_path = os.path.join(path, "saved_model.pb")
+  with open(pb_path, "rb") as f:
+    saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+  changed = False
+  for meta_graph in saved_model.meta_graphs:
+    for name, method_name in method_names.items():
+      if name not in meta_graph.signature_def:
+        raise KeyError(
+          f"{path} has no signature {name!r}; it has {sorted(meta_graph.signature_def)}"
+        )
+      signature_def = meta_graph.signature_def[name]
+      changed |= signature_def.method_name != method_name
+      signature_def.method_name = method_name
+  if not changed:
+    return
+  with open(pb_path, "wb") as f:
+    f.write(saved_model.SerializeToString(deterministic=True))
+  if os.path.exists(os.path.join(path, "fingerprint.pb")):
+    fingerprinting_utils.write_fingerprint(path)  # It hashes saved_model.pb and the signatures.
 
 
 def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -> None:
@@ -212,6 +247,7 @@ def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -
 
 
 def _write_warmup_requests(path: str, signature_list) -> None:
+  """One PredictLog per signature (TF Serving's Predict runs classify signatures too)."""
   import tensorflow as tf
   from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 

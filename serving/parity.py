@@ -27,7 +27,8 @@ def check(path: str, variables: dict, signature_list, *, dtype: str) -> dict[str
     served = loaded.signatures[signature.name](
       **{name: tf.constant(value) for name, value in signature.golden_inputs.items()}
     )
-    expected = jax.device_get(jax.jit(signature.fn)(variables, signature.golden_inputs))
+    fn_inputs = signature.golden_fn_inputs or signature.golden_inputs
+    expected = jax.device_get(jax.jit(signature.fn)(variables, fn_inputs))
     for name, want in expected.items():
       got, want = served[name].numpy(), np.asarray(want)
       key = f"{signature.name}/{name}"

@@ -3,6 +3,8 @@
   GET  /v1/models/NAME[/versions/N | /labels/L]            model status
   GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   signature_def metadata
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    row ("instances") or columnar ("inputs")
+  POST /v1/models/NAME[/versions/N | /labels/L]:classify   {"examples": [...], "context": {...}}
+  POST /v1/models/NAME[/versions/N | /labels/L]:regress    (tf.Example features as JSON)
   GET  /monitoring/prometheus/metrics
 
 Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
@@ -22,13 +24,14 @@ import grpc
 import numpy as np
 from absl import logging
 
+from serving import classify_regress
 from serving.metrics import Metrics
 from serving.model_manager import ModelRegistry, ServingError, TensorSpec
 
 _ROUTE = re.compile(
   r"^/v1/models/(?P<name>[^/:]+)"
   r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-  r"(?P<action>/metadata|:predict)?$"
+  r"(?P<action>/metadata|:predict|:classify|:regress)?$"
 )
 _HTTP_STATUS = {
   grpc.StatusCode.OK: 200,
@@ -82,7 +85,13 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     name = match["name"] if match else ""
     version = int(match["version"]) if match and match["version"] else None
     action = (match["action"] or "") if match else ""
-    rpc = {"": "GetModelStatus", "/metadata": "GetModelMetadata", ":predict": "Predict"}[action]
+    rpc = {
+      "": "GetModelStatus",
+      "/metadata": "GetModelMetadata",
+      ":predict": "Predict",
+      ":classify": "Classify",
+      ":regress": "Regress",
+    }[action]
     try:
       body = self._read_body()  # Always drained, so the connection stays usable.
       if not match:
@@ -92,13 +101,15 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
           else grpc.StatusCode.NOT_FOUND,
           f"Malformed request: {method} {self.path}",
         )
-      if (method == "POST") != (action == ":predict"):
+      if (method == "POST") != action.startswith(":"):
         raise ServingError(
           grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {method} {self.path}"
         )
       manager, label = self.server.manager, match["label"] or ""
       if action == ":predict":
         result, version = predict(manager, name, version, label, body)
+      elif action in (":classify", ":regress"):
+        result, version = classify_regress.rest(action[1:], manager, name, version, label, body)
       elif action == "/metadata":
         result, version = metadata(manager, name, version, label)
       else:

@@ -61,11 +61,13 @@ def test_assets_extra_hold_warmup_and_manifest(digits_export):
 
   extra = os.path.join(digits_export.path, "assets.extra")
   records = list(tf.data.TFRecordDataset(os.path.join(extra, "tf_serving_warmup_requests")))
-  assert len(records) == 1
-  log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
-  request = log.predict_log.request
-  assert request.model_spec.signature_name == "serving_default"
-  assert [d.size for d in request.inputs["inputs"].tensor_shape.dim] == [2, 64]
+  requests = [
+    prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request for r in records
+  ]
+  assert [r.model_spec.signature_name for r in requests] == ["serving_default", "classify"]
+  assert [d.size for d in requests[0].inputs["inputs"].tensor_shape.dim] == [2, 64]
+  assert requests[1].inputs["inputs"].dtype == tf.string.as_datatype_enum  # Serialized Examples.
+  assert [d.size for d in requests[1].inputs["inputs"].tensor_shape.dim] == [2]
   with open(os.path.join(extra, "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["checkpoint_step"] == 20
