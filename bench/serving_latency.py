@@ -1,17 +1,26 @@
-r"""Latency and throughput of the model server (serving.server) on 127.0.0.1.
+r"""Latency and throughput of the model server (serving.server) on 127.0.0.1, with and without
+server-side batching.
 
   .venv/bin/python bench/serving_latency.py [--model_base_path=runs/models/digits] [--seconds=5]
 
-Starts the server in a subprocess on free local ports (with --model_base_path, or else on a digits
-smoke model it trains and exports into a temporary directory), then measures, for batches of 1
-and 32 digits rows: the SavedModel's `serving_default` called in-process (what the server cannot
-go below), gRPC Predict and REST :predict from one client, and gRPC Predict from 8 concurrent
-clients (throughput). Client and server share this machine's cores.
+Starts two servers of the same model in subprocesses on free local ports (with
+--model_base_path, or else on a digits smoke model it trains and exports into a temporary
+directory): one plain, one with `--batching_parameters_file` (`--max_batch_size`,
+`--batch_timeout_micros`, `--num_batch_threads`). Then, with one-row digits requests:
+
+1. Latency at concurrency 1 (p50/p99): the SavedModel's `serving_default` called in-process
+   (the floor a server cannot go below), a gRPC Predict round trip to each server, and a REST
+   :predict to the plain one. Target: gRPC adds at most 1 ms to the in-process p50.
+2. Throughput at concurrency 1, 8 and 32 against each server: a closed loop that keeps N
+   requests in flight (gRPC futures, so the client needs no thread per request) for
+   `--seconds`. Target: batching at least 3x the plain server at concurrency 32.
+
+Client and servers share this machine's cores; servers alternate within each concurrency so
+drift in the machine's load hits both alike. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import signal
@@ -19,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -31,7 +41,17 @@ sys.path.insert(0, REPO)
 
 _BASE = flags.DEFINE_string("model_base_path", None, "An export base; default: export a smoke run.")
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Seconds each measurement runs.")
-_CLIENTS = flags.DEFINE_integer("clients", 8, "Concurrent clients of the throughput measurement.")
+_CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "8", "32"], "Requests kept in flight.")
+_MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 32, "Batching server's max_batch_size.")
+_BATCH_TIMEOUT_MICROS = flags.DEFINE_integer(
+  "batch_timeout_micros", 1000, "Batching server's batch_timeout_micros."
+)
+_SERVER_ARGS = flags.DEFINE_list(
+  "server_args", [], "More flags for both servers, e.g. --grpc_max_threads=64."
+)
+_NUM_BATCH_THREADS = flags.DEFINE_integer(
+  "num_batch_threads", os.cpu_count() or 1, "Batching server's num_batch_threads."
+)
 
 
 def _free_port() -> int:
@@ -49,9 +69,48 @@ def _smoke_export(tmp: str) -> str:
   return export.export(os.path.join(tmp, "run"), os.path.join(tmp, "models")).path.rsplit("/", 1)[0]
 
 
-def _measure(fn, seconds: float) -> np.ndarray:
-  """Latencies (ms) of `fn()` called back to back for `seconds`, after 5 warmup calls."""
-  for _ in range(5):
+class _Server:
+  def __init__(self, base: str, tmp: str, name: str, extra_args: list[str]):
+    self.grpc_port, self.rest_port = _free_port(), _free_port()
+    self.log_path = os.path.join(tmp, f"{name}.log")
+    self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+    self.proc = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "serving.server",
+        f"--port={self.grpc_port}",
+        f"--rest_api_port={self.rest_port}",
+        "--model_name=digits",
+        f"--model_base_path={base}",
+        *_SERVER_ARGS.value,
+        *extra_args,
+      ],
+      cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
+      stdout=self.log,
+      stderr=subprocess.STDOUT,
+    )
+    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+
+  def stub(self):
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    grpc.channel_ready_future(self.channel).result(timeout=180)
+    return prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+  def stop(self) -> None:
+    self.channel.close()
+    self.proc.send_signal(signal.SIGTERM)
+    code = self.proc.wait(timeout=60)
+    self.log.close()
+    if code != 0:
+      raise SystemExit(f"server exited with {code}; see {self.log_path}")
+
+
+def _latencies(fn, seconds: float) -> np.ndarray:
+  """Latencies (ms) of `fn()` called back to back for `seconds`, after 20 warmup calls."""
+  for _ in range(20):
     fn()
   latencies, deadline = [], time.monotonic() + seconds
   while time.monotonic() < deadline and len(latencies) < 1_000_000:
@@ -61,86 +120,99 @@ def _measure(fn, seconds: float) -> np.ndarray:
   return np.array(latencies)
 
 
-def _row(name: str, latencies: np.ndarray, seconds: float) -> str:
-  return (
-    f"| {name} | {np.percentile(latencies, 50):.2f} | {np.percentile(latencies, 99):.2f} | "
-    f"{len(latencies) / seconds:.0f} |"
-  )
+def _throughput(stub, request, concurrency: int, seconds: float) -> tuple[float, int]:
+  """Requests/s of a closed loop keeping `concurrency` Predicts in flight; and the errors."""
+  lock = threading.Lock()
+  done = threading.Event()
+  counts = {"ok": 0, "errors": 0, "in_flight": concurrency}
+  deadline = time.monotonic() + seconds
+
+  def on_done(future):
+    with lock:
+      counts["ok" if future.exception() is None else "errors"] += 1
+      if time.monotonic() >= deadline:
+        counts["in_flight"] -= 1
+        if counts["in_flight"] == 0:
+          done.set()
+        return
+    stub.Predict.future(request, timeout=30).add_done_callback(on_done)
+
+  start = time.perf_counter()
+  for _ in range(concurrency):
+    stub.Predict.future(request, timeout=30).add_done_callback(on_done)
+  done.wait(seconds + 60)
+  return counts["ok"] / (time.perf_counter() - start), counts["errors"]
 
 
 def main(argv: list[str]) -> None:
   del argv
   import tensorflow as tf
   from sklearn import datasets
-  from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+  from tensorflow_serving.apis import predict_pb2
 
   tmp = tempfile.mkdtemp(prefix="serving-bench-")
   base = _BASE.value or _smoke_export(tmp)
   latest = max(int(d) for d in os.listdir(base) if d.isdigit())
-  grpc_port, rest_port = _free_port(), _free_port()
-  log = open(os.path.join(tmp, "server.log"), "w")  # noqa: SIM115 (closed at the end)
-  server = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "serving.server",
-      f"--port={grpc_port}",
-      f"--rest_api_port={rest_port}",
-      "--host=127.0.0.1",
-      "--model_name=digits",
-      f"--model_base_path={base}",
-    ],
-    cwd=REPO,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
-    stdout=log,
-    stderr=subprocess.STDOUT,
-  )
+  batching_file = os.path.join(tmp, "batching.config")
+  with open(batching_file, "w") as f:
+    f.write(
+      f"max_batch_size {{ value: {_MAX_BATCH_SIZE.value} }}\n"
+      f"batch_timeout_micros {{ value: {_BATCH_TIMEOUT_MICROS.value} }}\n"
+      f"num_batch_threads {{ value: {_NUM_BATCH_THREADS.value} }}\n"
+      "max_enqueued_batches { value: 1000 }\n"
+    )
+  servers = {
+    "plain": _Server(base, tmp, "plain", []),
+    "batching": _Server(base, tmp, "batching", [f"--batching_parameters_file={batching_file}"]),
+  }
   try:
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    grpc.channel_ready_future(channel).result(timeout=120)
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    stubs = {name: server.stub() for name, server in servers.items()}
     signature = tf.saved_model.load(os.path.join(base, str(latest))).signatures["serving_default"]
-    pixels = datasets.load_digits().data.astype(np.float32)
+    x = datasets.load_digits().data[:1].astype(np.float32)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(x))
+    body = json.dumps({"instances": x.tolist()}).encode()
+    rest_url = f"http://127.0.0.1:{servers['plain'].rest_port}/v1/models/digits:predict"
+
+    def rest_call():
+      with urllib.request.urlopen(urllib.request.Request(rest_url, body), timeout=30) as r:
+        r.read()
+
     seconds = _SECONDS.value
-    print("| what | p50 ms | p99 ms | requests/s |")
-    print("|---|---|---|---|")
-    for batch in (1, 32):
-      x = pixels[:batch]
-      request = predict_pb2.PredictRequest()
-      request.model_spec.name = "digits"
-      request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(x))
-      body = json.dumps({"instances": x.tolist()}).encode()
+    calls = {
+      "in-process TF signature": lambda: signature(inputs=tf.constant(x)),
+      "gRPC Predict": lambda: stubs["plain"].Predict(request, timeout=30),
+      "gRPC Predict, batching server": lambda: stubs["batching"].Predict(request, timeout=30),
+      "REST :predict": rest_call,
+    }
+    results = {name: _latencies(call, seconds) for name, call in calls.items()}
+    print("\nLatency, one-row requests, concurrency 1:\n")
+    print("| call | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    for name, latencies in results.items():
+      print(f"| {name} | {np.percentile(latencies, 50):.2f} | {np.percentile(latencies, 99):.2f} |")
+    overhead = np.percentile(results["gRPC Predict"], 50) - np.percentile(
+      results["in-process TF signature"], 50
+    )
+    print(f"\ngRPC overhead over in-process at p50: {overhead:.2f} ms (target <= 1 ms)")
 
-      def rest_call(body=body):
-        req = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v1/models/digits:predict", body)
-        with urllib.request.urlopen(req, timeout=30) as response:
-          response.read()
-
-      def grpc_call(request=request):
-        stub.Predict(request, timeout=30)
-
+    print("\nThroughput, one-row requests (requests/s):\n")
+    print("| in flight | plain | batching | batching / plain | errors |")
+    print("|---|---|---|---|---|")
+    for concurrency in map(int, _CONCURRENCY.value):
+      rates, errors = {}, 0
+      for name in ("plain", "batching"):
+        _throughput(stubs[name], request, concurrency, min(1.0, seconds))  # Warm up.
+        rates[name], failed = _throughput(stubs[name], request, concurrency, seconds)
+        errors += failed
       print(
-        _row(
-          f"batch {batch}: in-process TF signature",
-          _measure(lambda x=x: signature(inputs=tf.constant(x)), seconds),
-          seconds,
-        )
-      )
-      print(_row(f"batch {batch}: gRPC Predict, 1 client", _measure(grpc_call, seconds), seconds))
-      print(_row(f"batch {batch}: REST :predict, 1 client", _measure(rest_call, seconds), seconds))
-      with concurrent.futures.ThreadPoolExecutor(_CLIENTS.value) as pool:
-        parts = list(pool.map(lambda _: _measure(grpc_call, seconds), range(_CLIENTS.value)))
-      print(
-        _row(
-          f"batch {batch}: gRPC Predict, {_CLIENTS.value} clients", np.concatenate(parts), seconds
-        )
+        f"| {concurrency} | {rates['plain']:.0f} | {rates['batching']:.0f} | "
+        f"{rates['batching'] / rates['plain']:.2f}x | {errors} |"
       )
   finally:
-    server.send_signal(signal.SIGTERM)
-    code = server.wait(timeout=60)
-    log.close()
-  if code != 0:
-    raise SystemExit(f"server exited with {code}; see {log.name}")
+    for server in servers.values():
+      server.stop()
 
 
 if __name__ == "__main__":

@@ -129,13 +129,17 @@ class LoadedVersion:
     return {k: v.numpy() for k, v in result.items()}
 
   def warm_up(self) -> int:
-    """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs); returns how many ran."""
+    """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs); returns how many ran.
+
+    With batching, the first record of each batchable signature also runs at every batch size
+    the scheduler pads to (its rows repeated), so no request waits for a compile."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     path = os.path.join(self.path, WARMUP_PATH)
     if not os.path.exists(path):
       return 0
     count = 0
+    warm = set()  # Signatures run at every batch size.
     for record in self._tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
       log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
       if log.WhichOneof("log_type") != "predict_log":
@@ -143,8 +147,18 @@ class LoadedVersion:
       request = log.predict_log.request
       inputs = {k: self._tf.make_ndarray(v) for k, v in request.inputs.items()}
       self.run(request.model_spec.signature_name, inputs, tuple(request.output_filter))
+      signature = self.signature(request.model_spec.signature_name)
+      if self._batch_scheduler is not None and signature.batchable and signature.name not in warm:
+        warm.add(signature.name)
+        for size in self._batch_scheduler.options.batch_sizes:
+          self._execute(signature.name, {k: _resize_rows(v, size) for k, v in inputs.items()})
       count += 1
     return count
+
+
+def _resize_rows(value: np.ndarray, rows: int) -> np.ndarray:
+  """`value`'s rows repeated (or cut) to `rows` rows."""
+  return np.resize(value, (rows, *value.shape[1:]))
 
 
 def _specs(tensor_infos) -> dict[str, TensorSpec]:
@@ -201,6 +215,18 @@ class VersionStatus:
   error: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadRetry:
+  """TF Serving's --max_num_load_retries and --load_retry_interval_micros: a version whose load
+  failed (say, polled while it was still being copied) is tried again this often."""
+
+  max_retries: int = 5
+  interval_seconds: float = 60.0
+
+  def due(self, failures: int, last_failure: float) -> bool:
+    return failures <= self.max_retries and time.monotonic() - last_failure >= self.interval_seconds
+
+
 class ModelManager:
   """Serves one model: the versions under its base path that its version policy chooses.
 
@@ -214,11 +240,15 @@ class ModelManager:
     *,
     poll_wait_seconds: float = 1.0,
     batch_scheduler: BatchScheduler | None = None,
+    load_retry: LoadRetry = LoadRetry(),
   ):
     self.name = config.name
     self.base_path = os.path.abspath(config.base_path)
     self.poll_wait_seconds = poll_wait_seconds
     self.batch_scheduler = batch_scheduler
+    self.load_retry = load_retry
+    # version -> (failed loads, monotonic time of the last) while the version is on disk.
+    self._failures: dict[int, tuple[int, float]] = {}
     self.version_policy = config.version_policy
     self.version_labels = dict(config.version_labels)
     self._lock = threading.Lock()
@@ -337,7 +367,8 @@ class ModelManager:
       for v in set(self._status) - on_disk:  # Forget failed or unloaded versions now gone.
         if v not in self._served:
           del self._status[v]
-    failed = {v for v, s in self._status.items() if s.error}
+          self._failures.pop(v, None)
+    failed = {v for v in self._failures if not self.load_retry.due(*self._failures[v])}
     candidates = on_disk - failed
     if not candidates:
       return
@@ -358,9 +389,19 @@ class ModelManager:
       warmup_count = loaded.warm_up()
     except Exception as e:  # Any failure of a user's SavedModel is that version's error.
       message = f"{type(e).__name__}: {str(e).strip() or e!r}"
-      logging.error("Loading %s version %d failed: %s", self.name, version, message)
+      failures = self._failures.get(version, (0, 0.0))[0] + 1
+      self._failures[version] = (failures, time.monotonic())
+      logging.error(
+        "Loading %s version %d failed (attempt %d of %d): %s",
+        self.name,
+        version,
+        failures,
+        self.load_retry.max_retries + 1,
+        message,
+      )
       self._set_status(version, END, message[:2000])
       return False
+    self._failures.pop(version, None)
     with self._lock:
       self._served[version] = loaded
       self._status[version] = VersionStatus(version, AVAILABLE)
@@ -391,9 +432,14 @@ class ModelRegistry:
   change the set of models, their version policies and labels while serving."""
 
   def __init__(
-    self, *, poll_wait_seconds: float = 1.0, batch_scheduler: BatchScheduler | None = None
+    self,
+    *,
+    poll_wait_seconds: float = 1.0,
+    batch_scheduler: BatchScheduler | None = None,
+    load_retry: LoadRetry = LoadRetry(),
   ):
     self.poll_wait_seconds = poll_wait_seconds
+    self.load_retry = load_retry
     self.batch_scheduler = batch_scheduler
     # Replaced whole by `reload`, never mutated: lookups read one consistent dict.
     self.managers: dict[str, ModelManager] = {}
@@ -437,6 +483,7 @@ class ModelRegistry:
             config,
             poll_wait_seconds=self.poll_wait_seconds,
             batch_scheduler=self.batch_scheduler,
+            load_retry=self.load_retry,
           )
           if config.version_labels:  # Labels wait until the versions they name are loaded.
             manager.set_version_labels({})

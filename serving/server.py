@@ -50,6 +50,12 @@ _BATCHING_PARAMETERS_FILE = flags.DEFINE_string(
 _POLL_WAIT = flags.DEFINE_float(
   "file_system_poll_wait_seconds", 1.0, "Seconds between polls of the base path for versions."
 )
+_MAX_NUM_LOAD_RETRIES = flags.DEFINE_integer(
+  "max_num_load_retries", 5, "Times a version whose load failed is tried again."
+)
+_LOAD_RETRY_INTERVAL_MICROS = flags.DEFINE_integer(
+  "load_retry_interval_micros", 60_000_000, "Microseconds between tries of a failed load."
+)
 _MAX_REQUEST_SIZE = flags.DEFINE_integer(
   "max_request_size_bytes", 64 << 20, "Largest gRPC message or REST body accepted."
 )
@@ -139,7 +145,11 @@ def main(argv: list[str]) -> None:
   server_metrics = metrics.Metrics()
   batch_scheduler = _batch_scheduler(server_metrics)
   registry = model_manager.ModelRegistry(
-    poll_wait_seconds=_POLL_WAIT.value, batch_scheduler=batch_scheduler
+    poll_wait_seconds=_POLL_WAIT.value,
+    batch_scheduler=batch_scheduler,
+    load_retry=model_manager.LoadRetry(
+      _MAX_NUM_LOAD_RETRIES.value, _LOAD_RETRY_INTERVAL_MICROS.value / 1e6
+    ),
   )
   registry.on_models_changed.append(server_metrics.set_model_names)
   try:

@@ -22,9 +22,9 @@ tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow
 grpc = pytest.importorskip("grpc", reason="the server needs grpcio (make install)")
 
 from tensorflow_serving.apis import (  # noqa: E402
-  classification_pb2,
   get_model_metadata_pb2,
   get_model_status_pb2,
+  inference_pb2,
   model_service_pb2_grpc,
   predict_pb2,
   prediction_service_pb2_grpc,
@@ -38,6 +38,7 @@ from trainer import train  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLL_SECONDS = 0.5
 MAX_REQUEST_BYTES = 1 << 20
+LOAD_RETRY_SECONDS = 1.0
 SERVER_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_FLAGS": ""}
 
 
@@ -65,6 +66,8 @@ class Server:
         "--host=127.0.0.1",
         f"--file_system_poll_wait_seconds={POLL_SECONDS}",
         f"--max_request_size_bytes={MAX_REQUEST_BYTES}",
+        f"--load_retry_interval_micros={int(LOAD_RETRY_SECONDS * 1e6)}",
+        "--max_num_load_retries=100",
         *(
           models_args
           or [
@@ -326,8 +329,10 @@ def test_grpc_other_bad_requests(server):
   status.model_spec.name = "digits"
   status.model_spec.version.value = 5
   assert code_of(server.model_stub.GetModelStatus, status) == grpc.StatusCode.NOT_FOUND
-  classify = classification_pb2.ClassificationRequest()
-  assert code_of(server.predict_stub.Classify, classify) == grpc.StatusCode.UNIMPLEMENTED
+  multi_inference = inference_pb2.MultiInferenceRequest()
+  assert code_of(server.predict_stub.MultiInference, multi_inference) == (
+    grpc.StatusCode.UNIMPLEMENTED
+  )
   too_big = _predict_request(np.zeros((MAX_REQUEST_BYTES // 256 + 8, 64), np.float32))
   assert code_of(server.predict_stub.Predict, too_big) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -518,7 +523,11 @@ def test_new_version_is_swapped_in_under_load_without_a_failure(server, pixels, 
   assert _status(server) == {1: ("END", ""), 2: ("AVAILABLE", "")}
 
 
-def test_a_broken_version_is_reported_and_never_served(server, pixels):
+def test_a_broken_version_is_reported_never_served_and_retried(server, pixels):
+  """A version whose load fails (here: its files are still being copied) is reported and not
+  served; the previous one keeps serving. Once the copy completes, a retry loads it."""
+  served = server.predict_stub.Predict(_predict_request(pixels[:2]), timeout=30)
+  previous = served.model_spec.version.value
   broken = os.path.join(server.base, "3")
   os.makedirs(broken + ".tmp")
   with open(os.path.join(broken + ".tmp", "saved_model.pb"), "wb") as f:
@@ -529,17 +538,29 @@ def test_a_broken_version_is_reported_and_never_served(server, pixels):
       lambda: _status(server).get(3, ("", ""))[0] == "END" and _status(server)[3], 20, "v3 failed"
     )
     assert error  # The load error, e.g. "OSError: ... saved_model.pb".
-    status, rest_status = server.get("/v1/models/digits/versions/3")
-    assert status == 200
-    assert rest_status["model_version_status"][0]["status"]["error_code"] == "UNKNOWN"
+
+    def failed_over_rest():  # Polled: a retry may be under way.
+      status = server.get("/v1/models/digits/versions/3")[1]["model_version_status"][0]
+      return status if status["state"] == "END" else None
+
+    rest_status = _wait_for(failed_over_rest, 10, "v3 reported over REST")
+    assert rest_status["status"]["error_code"] == "UNKNOWN"
     latest = server.predict_stub.Predict(_predict_request(pixels[:2]), timeout=30)
-    assert latest.model_spec.version.value == 2  # The previous version keeps serving.
+    assert latest.model_spec.version.value == previous  # The previous version keeps serving.
     with pytest.raises(grpc.RpcError) as error_3:
       server.predict_stub.Predict(_predict_request(pixels[:2], version=3), timeout=30)
     assert error_3.value.code() == grpc.StatusCode.NOT_FOUND
+
+    shutil.copytree(os.path.join(server.base, str(previous)), broken, dirs_exist_ok=True)
+    _wait_for(lambda: _status(server).get(3, ("",))[0] == "AVAILABLE", 30, "v3 loaded on retry")
+    latest = server.predict_stub.Predict(_predict_request(pixels[:2]), timeout=30)
+    assert latest.model_spec.version.value == 3
   finally:
     shutil.rmtree(broken)
   _wait_for(lambda: 3 not in _status(server), 10, "removed version forgotten")
+  _wait_for(
+    lambda: _status(server).get(previous, ("",))[0] == "AVAILABLE", 30, "previous served again"
+  )
 
 
 def test_load_8_clients_3_seconds_without_errors(server, pixels):
@@ -565,6 +586,18 @@ def test_load_8_clients_3_seconds_without_errors(server, pixels):
     f"8 clients, 3 s: {len(latencies)} requests, p50 {np.percentile(latencies, 50) * 1e3:.2f} ms, "
     f"p99 {np.percentile(latencies, 99) * 1e3:.2f} ms"
   )
+
+
+def test_grpc_health_service(server):
+  from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+  stub = health_pb2_grpc.HealthStub(server.channel)
+  for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+  with pytest.raises(grpc.RpcError) as error:
+    stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+  assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
@@ -725,18 +758,6 @@ def test_bad_model_config_files(text, message, tmp_path):
     model_config.read(str(tmp_path / "models.config"))
 
 
-def test_grpc_health_service(server):
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-  stub = health_pb2_grpc.HealthStub(server.channel)
-  for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
-    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
-    assert response.status == health_pb2.HealthCheckResponse.SERVING, service
-  with pytest.raises(grpc.RpcError) as error:
-    stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
-  assert error.value.code() == grpc.StatusCode.NOT_FOUND
-
-
 def _digits_config(base: str, labels: dict[str, int]) -> str:
   return f"""model_config_list {{
     config {{
@@ -853,3 +874,28 @@ def test_a_version_label_moves_in_a_reloaded_config(batching_server):
   # The file (canary=1) was applied once; a reload over RPC is not undone by the next poll.
   time.sleep(2.5)
   assert _label_version(server, "canary") == 2
+
+
+@pytest.mark.parametrize(
+  "value",
+  [
+    *(np.arange(6, dtype=d).reshape(2, 3) for d in (np.float32, np.float64, np.int8, np.int16)),
+    *(np.arange(6, dtype=d).reshape(3, 2) for d in (np.int32, np.int64, np.uint8, np.uint16)),
+    *(np.arange(4, dtype=d) for d in (np.uint32, np.uint64, np.float16)),
+    np.zeros((0, 3), np.float32),
+    np.float32(2.5).reshape(()),
+    np.array([True, False]),
+    np.array([b"a", b"\xff\x00"], dtype=object),
+  ],
+  ids=lambda v: f"{v.dtype}{list(v.shape)}",
+)
+def test_response_tensors_decode_to_the_model_outputs(value):
+  from tensorflow.core.framework import tensor_pb2
+
+  from serving import grpc_server
+
+  proto = tensor_pb2.TensorProto()
+  grpc_server._fill_tensor_proto(proto, value)
+  decoded = tf.make_ndarray(proto)
+  assert decoded.dtype == value.dtype and decoded.shape == value.shape
+  np.testing.assert_array_equal(decoded, value)
