@@ -14,6 +14,9 @@ directory): one plain, one with `--batching_parameters_file` (`--max_batch_size`
 2. Throughput at concurrency 1, 8 and 32 against each server: a closed loop that keeps N
    requests in flight (gRPC futures, so the client needs no thread per request) for
    `--seconds`. Target: batching at least 3x the plain server at concurrency 32.
+3. The same comparison without the RPC layer: N threads in this process call the loaded
+   version's `run` (request validation, the TF call) with and without a BatchScheduler of the
+   same parameters: what batching saves where the model call, not gRPC, is the cost.
 
 Client and servers share this machine's cores; servers alternate within each concurrency so
 drift in the machine's load hits both alike. Results: docs/benchmarks.md.
@@ -44,7 +47,7 @@ _SECONDS = flags.DEFINE_float("seconds", 5.0, "Seconds each measurement runs.")
 _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "8", "32"], "Requests kept in flight.")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 32, "Batching server's max_batch_size.")
 _BATCH_TIMEOUT_MICROS = flags.DEFINE_integer(
-  "batch_timeout_micros", 1000, "Batching server's batch_timeout_micros."
+  "batch_timeout_micros", 0, "Batching server's batch_timeout_micros."
 )
 _SERVER_ARGS = flags.DEFINE_list(
   "server_args", [], "More flags for both servers, e.g. --grpc_max_threads=64."
@@ -153,6 +156,14 @@ def main(argv: list[str]) -> None:
   tmp = tempfile.mkdtemp(prefix="serving-bench-")
   base = _BASE.value or _smoke_export(tmp)
   latest = max(int(d) for d in os.listdir(base) if d.isdigit())
+  from serving import batching
+
+  batching_options = batching.BatchingOptions(
+    max_batch_size=_MAX_BATCH_SIZE.value,
+    batch_timeout_micros=_BATCH_TIMEOUT_MICROS.value,
+    num_batch_threads=_NUM_BATCH_THREADS.value,
+    max_enqueued_batches=1000,
+  )
   batching_file = os.path.join(tmp, "batching.config")
   with open(batching_file, "w") as f:
     f.write(
@@ -213,6 +224,49 @@ def main(argv: list[str]) -> None:
   finally:
     for server in servers.values():
       server.stop()
+  _in_process(base, latest, x, batching_options)
+
+
+def _in_process(base: str, version: int, x: np.ndarray, options) -> None:
+  from serving import batching, model_manager
+
+  print("\nIn process, no RPC: threads calling the loaded version (requests/s):\n")
+  print("| threads | plain | batching | batching / plain |")
+  print("|---|---|---|---|")
+  scheduler = batching.BatchScheduler(options)
+  versions = {
+    name: model_manager.LoadedVersion("digits", version, os.path.join(base, str(version)), s)
+    for name, s in (("plain", None), ("batching", scheduler))
+  }
+  for loaded in versions.values():
+    loaded.warm_up()
+  try:
+    for threads in map(int, _CONCURRENCY.value):
+      rates = {name: _threads_rate(v, x, threads, _SECONDS.value) for name, v in versions.items()}
+      print(
+        f"| {threads} | {rates['plain']:.0f} | {rates['batching']:.0f} | "
+        f"{rates['batching'] / rates['plain']:.2f}x |"
+      )
+  finally:
+    scheduler.stop()
+
+
+def _threads_rate(loaded, x: np.ndarray, threads: int, seconds: float) -> float:
+  counts = [0] * threads
+  deadline = time.monotonic() + seconds
+
+  def loop(i):
+    while time.monotonic() < deadline:
+      loaded.run("", {"inputs": x})
+      counts[i] += 1
+
+  workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+  start = time.perf_counter()
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join()
+  return sum(counts) / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

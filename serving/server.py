@@ -60,7 +60,10 @@ _MAX_REQUEST_SIZE = flags.DEFINE_integer(
   "max_request_size_bytes", 64 << 20, "Largest gRPC message or REST body accepted."
 )
 _GRPC_MAX_THREADS = flags.DEFINE_integer(
-  "grpc_max_threads", 4 * (os.cpu_count() or 1), "Threads answering gRPC requests."
+  "grpc_max_threads",
+  None,
+  "Threads answering gRPC requests. Default: 4 per CPU; with batching at least twice "
+  "max_batch_size (up to 256), since every request waiting for its batch holds a thread.",
 )
 _VERSION_LABELS = flags.DEFINE_list(
   "version_labels",
@@ -108,6 +111,15 @@ def _batch_scheduler(server_metrics):
     raise app.UsageError(str(e)) from e
   logging.info("Batching: %s", options)
   return batching.BatchScheduler(options, server_metrics.observe_batch)
+
+
+def _grpc_threads(batch_scheduler) -> int:
+  if _GRPC_MAX_THREADS.value is not None:
+    return _GRPC_MAX_THREADS.value
+  threads = 4 * (os.cpu_count() or 1)
+  if batch_scheduler is not None:
+    threads = max(threads, min(2 * batch_scheduler.options.max_batch_size, 256))
+  return threads
 
 
 def _watch_model_config_file(registry, path: str, every_seconds: int, stop: threading.Event):
@@ -171,7 +183,7 @@ def main(argv: list[str]) -> None:
     server_metrics,
     f"{_HOST.value}:{_PORT.value}",
     max_request_size_bytes=_MAX_REQUEST_SIZE.value,
-    max_threads=_GRPC_MAX_THREADS.value,
+    max_threads=_grpc_threads(batch_scheduler),
   )
   if not grpc_port:
     logging.error("Cannot listen on %s:%d for gRPC", _HOST.value, _PORT.value)
