@@ -899,3 +899,25 @@ def test_response_tensors_decode_to_the_model_outputs(value):
   decoded = tf.make_ndarray(proto)
   assert decoded.dtype == value.dtype and decoded.shape == value.shape
   np.testing.assert_array_equal(decoded, value)
+
+
+def test_a_label_naming_no_available_version_stops_the_server_at_start(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "serving.server",
+      "--port=0",
+      "--model_name=digits",
+      f"--model_base_path={tmp_path}",
+      "--version_labels=stable=1",
+    ],
+    cwd=REPO,
+    env=SERVER_ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 1
+  assert "version labels may only name available versions" in proc.stderr
+  assert "model digits: stable=1" in proc.stderr
