@@ -43,6 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 _BASE = flags.DEFINE_string("model_base_path", None, "An export base; default: export a smoke run.")
+_MODEL = flags.DEFINE_string(
+  "model", "cnn", "config.model.name of the digits smoke model trained when no base path is given."
+)
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Seconds each measurement runs.")
 _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "8", "32"], "Requests kept in flight.")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 32, "Batching server's max_batch_size.")
@@ -68,7 +71,7 @@ def _smoke_export(tmp: str) -> str:
   from tests.helpers.configs import smoke_config
   from trainer import train
 
-  train.train_and_evaluate(smoke_config({}), os.path.join(tmp, "run"))
+  train.train_and_evaluate(smoke_config({"model.name": _MODEL.value}), os.path.join(tmp, "run"))
   return export.export(os.path.join(tmp, "run"), os.path.join(tmp, "models")).path.rsplit("/", 1)[0]
 
 
