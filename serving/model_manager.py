@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from absl import logging
 
+from serving import tensors
 from serving.batching import BatchScheduler
 from serving.errors import ServingError
 from serving.model_config import ModelConfig, VersionPolicy
@@ -186,15 +187,12 @@ def _check_inputs(signature: SignatureInfo, inputs: dict[str, np.ndarray]) -> No
     )
   for name, value in inputs.items():
     spec = signature.inputs[name]
-    try:
-      dtype = tf.as_dtype(value.dtype)
-    except TypeError:
-      dtype = None
-    if dtype is None or dtype.as_datatype_enum != spec.dtype:
+    dtype = tensors.datatype_enum(value.dtype)
+    if dtype != spec.dtype:
       raise ServingError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"input '{name}' has dtype {dtype.name if dtype else value.dtype} but signature "
-        f"{signature.name} expects {tf.as_dtype(spec.dtype).name}",
+        f"input '{name}' has dtype {tf.as_dtype(dtype).name if dtype else value.dtype} but "
+        f"signature {signature.name} expects {tf.as_dtype(spec.dtype).name}",
       )
     if spec.shape is not None and (
       value.ndim != len(spec.shape)

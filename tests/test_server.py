@@ -600,6 +600,15 @@ def test_grpc_health_service(server):
   assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_tensor_proto_whose_content_does_not_match_its_shape_is_rejected(server):
+  request = _predict_request(np.zeros((2, 64), np.float32))
+  request.inputs["inputs"].tensor_shape.dim[0].size = 3
+  with pytest.raises(grpc.RpcError) as error:
+    server.predict_stub.Predict(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert "not a valid TensorProto" in error.value.details()
+
+
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
   """Stops the module's digits server (the tests after it use only its files)."""
   body = json.dumps({"instances": [ROW] * 4}).encode()
@@ -889,14 +898,17 @@ def test_a_version_label_moves_in_a_reloaded_config(batching_server):
   ],
   ids=lambda v: f"{v.dtype}{list(v.shape)}",
 )
-def test_response_tensors_decode_to_the_model_outputs(value):
+def test_tensor_protos_round_trip_as_tensorflow_makes_them(value):
   from tensorflow.core.framework import tensor_pb2
 
-  from serving import grpc_server
+  from serving import tensors
 
   proto = tensor_pb2.TensorProto()
-  grpc_server._fill_tensor_proto(proto, value)
-  decoded = tf.make_ndarray(proto)
+  tensors.fill_tensor_proto(proto, value)
+  for decoded in (tf.make_ndarray(proto), tensors.to_ndarray(proto)):
+    assert decoded.dtype == value.dtype and decoded.shape == value.shape
+    np.testing.assert_array_equal(decoded, value)
+  decoded = tensors.to_ndarray(tf.make_tensor_proto(value))  # What clients send.
   assert decoded.dtype == value.dtype and decoded.shape == value.shape
   np.testing.assert_array_equal(decoded, value)
 
