@@ -26,21 +26,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
 
-import grpc
 import numpy as np
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from tests.helpers import model_server  # noqa: E402
 
 _BASE = flags.DEFINE_string("model_base_path", None, "An export base; default: export a smoke run.")
 _MODEL = flags.DEFINE_string(
@@ -60,12 +58,6 @@ _NUM_BATCH_THREADS = flags.DEFINE_integer(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _smoke_export(tmp: str) -> str:
   from serving import export
   from tests.helpers.configs import smoke_config
@@ -73,45 +65,6 @@ def _smoke_export(tmp: str) -> str:
 
   train.train_and_evaluate(smoke_config({"model.name": _MODEL.value}), os.path.join(tmp, "run"))
   return export.export(os.path.join(tmp, "run"), os.path.join(tmp, "models")).path.rsplit("/", 1)[0]
-
-
-class _Server:
-  def __init__(self, base: str, tmp: str, name: str, extra_args: list[str]):
-    self.grpc_port, self.rest_port = _free_port(), _free_port()
-    self.log_path = os.path.join(tmp, f"{name}.log")
-    self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-    self.proc = subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "serving.server",
-        f"--port={self.grpc_port}",
-        f"--rest_api_port={self.rest_port}",
-        "--model_name=digits",
-        f"--model_base_path={base}",
-        *_SERVER_ARGS.value,
-        *extra_args,
-      ],
-      cwd=REPO,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
-      stdout=self.log,
-      stderr=subprocess.STDOUT,
-    )
-    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-
-  def stub(self):
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
-    grpc.channel_ready_future(self.channel).result(timeout=180)
-    return prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-
-  def stop(self) -> None:
-    self.channel.close()
-    self.proc.send_signal(signal.SIGTERM)
-    code = self.proc.wait(timeout=60)
-    self.log.close()
-    if code != 0:
-      raise SystemExit(f"server exited with {code}; see {self.log_path}")
 
 
 def _latencies(fn, seconds: float) -> np.ndarray:
@@ -153,7 +106,6 @@ def _throughput(stub, request, concurrency: int, seconds: float) -> tuple[float,
 def main(argv: list[str]) -> None:
   del argv
   import tensorflow as tf
-  from sklearn import datasets
   from tensorflow_serving.apis import predict_pb2
 
   tmp = tempfile.mkdtemp(prefix="serving-bench-")
@@ -175,19 +127,24 @@ def main(argv: list[str]) -> None:
       f"num_batch_threads {{ value: {_NUM_BATCH_THREADS.value} }}\n"
       "max_enqueued_batches { value: 1000 }\n"
     )
+  args = ["--model_name=digits", f"--model_base_path={base}", *_SERVER_ARGS.value]
   servers = {
-    "plain": _Server(base, tmp, "plain", []),
-    "batching": _Server(base, tmp, "batching", [f"--batching_parameters_file={batching_file}"]),
+    "plain": model_server.Server(args, os.path.join(tmp, "plain.log")),
+    "batching": model_server.Server(
+      [*args, f"--batching_parameters_file={batching_file}"], os.path.join(tmp, "batching.log")
+    ),
   }
   try:
-    stubs = {name: server.stub() for name, server in servers.items()}
+    for server in servers.values():
+      server.wait_ready(timeout_s=300)
+    stubs = {name: server.predict_stub for name, server in servers.items()}
     signature = tf.saved_model.load(os.path.join(base, str(latest))).signatures["serving_default"]
-    x = datasets.load_digits().data[:1].astype(np.float32)
+    x = model_server.digits_pixels(1)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "digits"
     request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(x))
     body = json.dumps({"instances": x.tolist()}).encode()
-    rest_url = f"http://127.0.0.1:{servers['plain'].rest_port}/v1/models/digits:predict"
+    rest_url = servers["plain"].url + "/v1/models/digits:predict"
 
     def rest_call():
       with urllib.request.urlopen(urllib.request.Request(rest_url, body), timeout=30) as r:
@@ -225,8 +182,9 @@ def main(argv: list[str]) -> None:
         f"{rates['batching'] / rates['plain']:.2f}x | {errors} |"
       )
   finally:
-    for server in servers.values():
-      server.stop()
+    for name, server in servers.items():
+      if server.stop() != 0:
+        raise SystemExit(f"the {name} server failed; see {server.log_path}")
   _in_process(base, latest, x, batching_options)
 
 

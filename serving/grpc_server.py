@@ -75,13 +75,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     self.handler = handler
     self.manager = handler.manager
 
+  def _resolve(self, model_spec):
+    return self.manager.resolve(
+      model_spec.name, _requested_version(model_spec), model_spec.version_label
+    )
+
   def Predict(self, request, context):
     def predict():
 
-      spec = request.model_spec
-      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      served = self._resolve(request.model_spec)
       inputs = {name: _to_ndarray(name, proto) for name, proto in request.inputs.items()}
-      signature = served.signature(spec.signature_name)
+      signature = served.signature(request.model_spec.signature_name)
       outputs = served.run(signature.name, inputs, tuple(request.output_filter))
       response = predict_pb2.PredictResponse()
       response.model_spec.name = served.model_name
@@ -96,8 +100,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
   def Classify(self, request, context):
     def classify():
       classify_regress.check_model_spec(request)
-      spec = request.model_spec
-      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      served = self._resolve(request.model_spec)
       return classify_regress.classify(served, request), served.version
 
     return self.handler("Classify", request.model_spec, context, classify)
@@ -105,8 +108,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
   def Regress(self, request, context):
     def regress():
       classify_regress.check_model_spec(request)
-      spec = request.model_spec
-      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      served = self._resolve(request.model_spec)
       return classify_regress.regress(served, request), served.version
 
     return self.handler("Regress", request.model_spec, context, regress)
@@ -120,8 +122,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
           f"Metadata field {unsupported[0] if unsupported else '(none)'} is not supported; "
           "request metadata_field 'signature_def'",
         )
-      spec = request.model_spec
-      served = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+      served = self._resolve(request.model_spec)
       signature_defs = get_model_metadata_pb2.SignatureDefMap()
       for name, signature_def in served.signature_defs.items():
         signature_defs.signature_def[name].CopyFrom(signature_def)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,8 +19,9 @@ from tensorflow_serving.apis import (  # noqa: E402
   regression_pb2,
 )
 
-from serving import classify_regress, export, inference, model_manager, parity  # noqa: E402
+from serving import classify_regress, export, model_manager, parity  # noqa: E402
 from serving.model_manager import ServingError, SignatureInfo, TensorSpec  # noqa: E402
+from tests.helpers import model_server  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from tests.test_server import Server  # noqa: E402
 from trainer import train  # noqa: E402
@@ -151,16 +151,12 @@ def server(models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pixels():
-  from sklearn import datasets
-
-  return datasets.load_digits().data[:50].astype(np.float32)  # Raw 0..16 values.
+  return model_server.digits_pixels()
 
 
 @pytest.fixture(scope="module")
 def probabilities(digits_run, pixels):
-  model = inference.load(digits_run)
-  logits = model.model.apply(model.variables, pixels.reshape(-1, 8, 8, 1) / 16.0, train=False)
-  return np.asarray(jax.nn.softmax(logits))
+  return model_server.jax_digits_outputs(digits_run, pixels)["probabilities"]
 
 
 def _labels_and_scores(result: classification_pb2.ClassificationResult):

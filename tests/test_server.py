@@ -25,45 +25,28 @@ from tensorflow_serving.apis import (  # noqa: E402
   get_model_metadata_pb2,
   get_model_status_pb2,
   inference_pb2,
-  model_service_pb2_grpc,
   predict_pb2,
-  prediction_service_pb2_grpc,
 )
 
 from configs import lm as lm_config  # noqa: E402
 from serving import export, inference, model_config, model_manager, rest  # noqa: E402
+from tests.helpers import model_server  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from trainer import train  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLL_SECONDS = 0.5
 MAX_REQUEST_BYTES = 1 << 20
 LOAD_RETRY_SECONDS = 1.0
-SERVER_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_FLAGS": ""}
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+class Server(model_server.Server):
+  """The server these tests run: quick polls and load retries, a small request size limit."""
 
-
-class Server:
   def __init__(self, base: str, log_path: str, model_name: str = "digits", models_args=None):
     """Serves `base` as `model_name` (labelled stable=1), or what `models_args` configure."""
     self.base = base
-    self.model_name = model_name
-    self.grpc_port, self.rest_port = _free_port(), _free_port()
-    self.log_path = log_path
-    self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-    self.proc = subprocess.Popen(
+    super().__init__(
       [
-        sys.executable,
-        "-m",
-        "serving.server",
-        f"--port={self.grpc_port}",
-        f"--rest_api_port={self.rest_port}",
-        "--host=127.0.0.1",
         f"--file_system_poll_wait_seconds={POLL_SECONDS}",
         f"--max_request_size_bytes={MAX_REQUEST_BYTES}",
         f"--load_retry_interval_micros={int(LOAD_RETRY_SECONDS * 1e6)}",
@@ -77,53 +60,9 @@ class Server:
           ]
         ),
       ],
-      cwd=REPO,
-      env=SERVER_ENV,
-      stdout=self.log,
-      stderr=subprocess.STDOUT,
+      log_path,
+      model_name=model_name,
     )
-    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-    self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-    self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-    self.url = f"http://127.0.0.1:{self.rest_port}"
-
-  def wait_ready(self, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-      assert self.proc.poll() is None, f"server exited:\n{self.log_tail()}"
-      try:
-        if self.get(f"/v1/models/{self.model_name}")[0] == 200:
-          return
-      except OSError:
-        pass
-      time.sleep(0.2)
-    raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log_tail()}")
-
-  def log_tail(self) -> str:
-    with open(self.log_path) as f:
-      return f.read()[-4000:]
-
-  def get(self, path: str):
-    return self.request("GET", path)
-
-  def request(self, method: str, path: str, body: bytes | None = None):
-    request = urllib.request.Request(self.url + path, data=body, method=method)
-    try:
-      with urllib.request.urlopen(request, timeout=30) as response:
-        return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-      return e.code, json.loads(e.read())
-
-  def stop(self) -> None:
-    self.channel.close()
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-    self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +86,12 @@ def server(digits_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pixels():
-  from sklearn import datasets
-
-  return datasets.load_digits().data[:50].astype(np.float32)  # Raw 0..16 values.
+  return model_server.digits_pixels()
 
 
 @pytest.fixture(scope="module")
 def expected(digits_run, pixels):
-  model = inference.load(digits_run)
-  logits = model.model.apply(model.variables, pixels.reshape(-1, 8, 8, 1) / 16.0, train=False)
-  return {"probabilities": np.asarray(jax.nn.softmax(logits)), "classes": np.argmax(logits, -1)}
+  return model_server.jax_digits_outputs(digits_run, pixels)
 
 
 def _predict_request(inputs, input_name="inputs", **spec) -> predict_pb2.PredictRequest:
@@ -447,8 +382,8 @@ def test_client_cli(server, pixels, expected, tmp_path):
         "--model=digits",
         *args,
       ],
-      cwd=REPO,
-      env=SERVER_ENV,
+      cwd=model_server.REPO,
+      env=model_server.SERVER_ENV,
       capture_output=True,
       text=True,
       timeout=120,
@@ -459,7 +394,7 @@ def test_client_cli(server, pixels, expected, tmp_path):
   answer = json.loads(result.stdout)
   _check_outputs(answer["outputs"], expected, slice(3))
   unreachable = client(
-    "--status", "--timeout_seconds=3", server_address=f"127.0.0.1:{_free_port()}"
+    "--status", "--timeout_seconds=3", server_address=f"127.0.0.1:{model_server.free_port()}"
   )
   assert unreachable.returncode == 1
   assert "error: cannot reach a model server" in unreachable.stderr
@@ -924,8 +859,8 @@ def test_a_label_naming_no_available_version_stops_the_server_at_start(tmp_path)
       f"--model_base_path={tmp_path}",
       "--version_labels=stable=1",
     ],
-    cwd=REPO,
-    env=SERVER_ENV,
+    cwd=model_server.REPO,
+    env=model_server.SERVER_ENV,
     capture_output=True,
     text=True,
     timeout=120,
