@@ -468,9 +468,10 @@ class ModelRegistry:
     with self._reload_lock:
       bases = [os.path.abspath(c.base_path) for c in configs]
       if len(set(bases)) != len(bases) or len({c.name for c in configs}) != len(configs):
+        listed = [(c.name, c.base_path) for c in configs]
         raise ServingError(
           grpc.StatusCode.INVALID_ARGUMENT,
-          f"models must have distinct names and base paths; got {[(c.name, c.base_path) for c in configs]}",
+          f"models must have distinct names and base paths; got {listed}",
         )
       old = self.managers
       managers = {}
@@ -478,13 +479,11 @@ class ModelRegistry:
         manager = old.get(config.name)
         if manager is None or manager.base_path != base:
           manager = ModelManager(
-            config,
+            dataclasses.replace(config, version_labels={}),  # Labels come once versions load.
             poll_wait_seconds=self.poll_wait_seconds,
             batch_scheduler=self.batch_scheduler,
             load_retry=self.load_retry,
           )
-          if config.version_labels:  # Labels wait until the versions they name are loaded.
-            manager.set_version_labels({})
         else:
           manager.set_version_policy(config.version_policy)
         managers[config.name] = manager

@@ -1,5 +1,5 @@
-"""The batch scheduler on its own (no TensorFlow): merging, splitting, padding, a full queue, errors,
-shutdown, and TF Serving's batching parameters file."""
+"""The batch scheduler on its own (no TensorFlow): merging, splitting, padding, a full queue,
+errors, shutdown, and TF Serving's batching parameters file."""
 
 import threading
 import time
