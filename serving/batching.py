@@ -211,6 +211,8 @@ class BatchScheduler:
         f"with batching, every input needs the same batch size (first dimension); got {sizes}",
       )
     rows = next(iter(sizes.values()))
+    if rows == 0:  # Nothing to merge (and no row to pad with).
+      return execute(inputs)
     if rows > self.options.max_batch_size:
       raise ServingError(
         grpc.StatusCode.INVALID_ARGUMENT,

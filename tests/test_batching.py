@@ -141,6 +141,13 @@ def test_a_full_queue_answers_unavailable(make_scheduler):
   assert all(isinstance(v, dict) for v in outcome.values()), outcome
 
 
+def test_a_request_without_rows_runs_as_it_is(make_scheduler):
+  scheduler = make_scheduler(max_batch_size=4, allowed_batch_sizes=(2, 4))
+  servable = Servable()
+  result = scheduler.run(servable, "s", {"x": np.ones((0, 3))}, servable.execute)
+  assert result["y"].shape == (0, 3)
+
+
 def test_a_request_larger_than_max_batch_size_is_refused(make_scheduler):
   scheduler = make_scheduler(max_batch_size=4)
   servable = Servable()
