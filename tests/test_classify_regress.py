@@ -137,16 +137,12 @@ def server(models, tmp_path_factory):
       config {{ name: "regressor" base_path: "{models / "regressor"}" }}
     }}"""
   )
-  server = Server(
+  with Server(
     str(models / "digits"),
     str(tmp_path_factory.mktemp("logs") / "server.log"),
     models_args=[f"--model_config_file={models / 'models.config'}"],
-  )
-  try:
-    server.wait_ready()
+  ) as server:
     yield server
-  finally:
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -76,12 +76,8 @@ def digits_run(tmp_path_factory):
 def server(digits_run, tmp_path_factory):
   base = tmp_path_factory.mktemp("models") / "digits"
   export.export(digits_run, str(base))
-  server = Server(str(base), str(tmp_path_factory.mktemp("logs") / "server.log"))
-  try:
-    server.wait_ready()
+  with Server(str(base), str(tmp_path_factory.mktemp("logs") / "server.log")) as server:
     yield server
-  finally:
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -595,17 +591,13 @@ def lm_server(server, tmp_path_factory):
       }}
     }}"""
   )
-  server = Server(
+  with Server(
     str(root / "models"),
     str(root / "server.log"),
     model_name="lm",
     models_args=[f"--model_config_file={root / 'models.config'}"],
-  )
-  try:
-    server.wait_ready()
+  ) as server:
     yield server, inference.load(str(root / "run")), str(root / "models" / "1")
-  finally:
-    server.stop()
 
 
 def test_language_model_signatures_over_grpc_and_rest(lm_server):
@@ -725,7 +717,7 @@ def batching_server(server, tmp_path_factory):
     "max_batch_size { value: 32 } batch_timeout_micros { value: 20000 } "
     "max_enqueued_batches { value: 1000 } num_batch_threads { value: 2 }"
   )
-  server = Server(
+  with Server(
     str(root / "digits"),
     str(root / "server.log"),
     models_args=[
@@ -733,12 +725,8 @@ def batching_server(server, tmp_path_factory):
       "--model_config_file_poll_wait_seconds=1",
       f"--batching_parameters_file={root / 'batching.config'}",
     ],
-  )
-  try:
-    server.wait_ready()
+  ) as server:
     yield server, root
-  finally:
-    server.stop()
 
 
 def _batches(server, version: int) -> tuple[float, float, float]:

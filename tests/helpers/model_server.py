@@ -76,6 +76,18 @@ class Server:
     self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
     self.url = f"http://127.0.0.1:{self.rest_port}"
 
+  def __enter__(self) -> Server:
+    """Waits until the server is ready; it is stopped when the block ends, however it ends."""
+    try:
+      self.wait_ready()
+    except BaseException:
+      self.stop()
+      raise
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
   def wait_ready(self, timeout_s: float = 120) -> None:
     """Until the model's status answers over REST (the ports open after the initial load)."""
     deadline = time.monotonic() + timeout_s
