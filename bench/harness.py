@@ -91,6 +91,13 @@ def command_line() -> str:
   return " ".join([os.path.relpath(sys.executable), *sys.argv])
 
 
+def print_run_header(load_before: str, devices: bool = True) -> None:
+  """What a result depends on: the command, the machine, and how loaded it was."""
+  print("command: " + command_line())
+  print("\n".join(machine_description(devices=devices)))
+  print(f"load average: {load_before} at the start, {load_average()} at the end")
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
   """A markdown table, so the output pastes into docs/benchmarks.md as is."""
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -405,9 +405,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(tmp_root, ignore_errors=True)
 
   print()
-  print("command: " + harness.command_line())
-  print("\n".join(harness.machine_description()))
-  print(f"load average: {load_before} at the start, {harness.load_average()} at the end")
+  harness.print_run_header(load_before)
   print()
   print(report_throughput(config, tokens))
   print()

@@ -201,7 +201,7 @@ def checkpoint_worker(workdir: str, repeats: int) -> CheckpointTiming | None:
   import jax
 
   from configs import digits_cnn
-  from trainer import checkpointing, distributed, input_pipeline, train
+  from trainer import checkpointing, distributed, train
 
   distributed.initialize(
     distributed.DistributedOptions(
@@ -218,15 +218,7 @@ def checkpoint_worker(workdir: str, repeats: int) -> CheckpointTiming | None:
   config.checkpoint.keep_best = 0
   experiment = train.build_experiment(config)
   state = experiment.init_state(jax.random.PRNGKey(config.seed))
-  data_iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=config.data.worker_threads,
-    prefetch_batches=config.data.prefetch_batches,
-    sharding=experiment.batch_sharding,
-  )
+  data_iterator = experiment.train_iterator()
   checkpointer = checkpointing.Checkpointer(
     workdir, config.checkpoint, best_metric="eval/accuracy", best_mode="max"
   )
@@ -415,9 +407,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(tmp_root, ignore_errors=True)
 
   print()
-  print("command: " + harness.command_line())
-  print("\n".join(harness.machine_description(devices=False)))
-  print(f"load average: {load_before} at the start, {harness.load_average()} at the end")
+  harness.print_run_header(load_before, devices=False)
   print()
   print(report_training(rates, num_steps))
   print()

@@ -53,7 +53,7 @@ from absl import app, flags
 
 import models
 from configs import base
-from trainer import checkpointing, input_pipeline, tasks, train
+from trainer import checkpointing, tasks, train
 from trainer.data_sources import load_dataset
 from trainer.optimizers import create_optimizer
 
@@ -227,15 +227,7 @@ def variant_runners(setup: Setup, tmp_root: str) -> dict[str, Callable[[], float
 def pipeline_batches_per_sec(config: ml_collections.ConfigDict, num_batches: int) -> float:
   """How fast the trainer's input pipeline alone delivers device batches, after its first."""
   experiment = train.build_experiment(config)
-  iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=config.data.worker_threads,
-    prefetch_batches=config.data.prefetch_batches,
-    sharding=experiment.batch_sharding,
-  )
+  iterator = experiment.train_iterator()
   jax.block_until_ready(next(iterator))
   start = time.perf_counter()
   for _ in range(num_batches):
@@ -275,15 +267,7 @@ def time_saves(
   """Times `repeats` saves of each kind, interleaved, with a train step before every save."""
   experiment = train.build_experiment(config)
   state = experiment.init_state(jax.random.PRNGKey(config.seed))
-  data_iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=config.data.worker_threads,
-    prefetch_batches=config.data.prefetch_batches,
-    sharding=experiment.batch_sharding,
-  )
+  data_iterator = experiment.train_iterator()
   kinds = (True, False)
   workdirs, checkpointers = {}, {}
   for async_save in kinds:
@@ -486,9 +470,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(tmp_root, ignore_errors=True)
 
   print()
-  print("command: " + harness.command_line())
-  print("\n".join(harness.machine_description()))
-  print(f"load average: {load_before} at the start, {harness.load_average()} at the end")
+  harness.print_run_header(load_before)
   for setup in setups:
     print()
     print(report_setup(setup, rates[setup.name], pipelines[setup.name]))

@@ -265,13 +265,7 @@ class ModelManager:
     if name != self.name:
       raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {name!r}")
     if label:
-      labels = self.version_labels
-      if label not in labels:
-        raise ServingError(
-          grpc.StatusCode.INVALID_ARGUMENT,
-          f"Unrecognized servable version label: {label}; model {name} has labels {sorted(labels)}",
-        )
-      version = labels[label]
+      version = self._labelled_version(label)
     with self._lock:
       if version is None:
         if not self._served:
@@ -292,12 +286,7 @@ class ModelManager:
     if name != self.name:
       raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
     if label:
-      labels = self.version_labels
-      if label not in labels:
-        raise ServingError(
-          grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}"
-        )
-      version = labels[label]
+      version = self._labelled_version(label)
     with self._lock:
       statuses = [dataclasses.replace(s) for _, s in sorted(self._status.items())]
     if version is not None:
@@ -307,6 +296,16 @@ class ModelManager:
           grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}"
         )
     return statuses
+
+  def _labelled_version(self, label: str) -> int:
+    labels = self.version_labels  # One read: a reload may swap the dict meanwhile.
+    if label not in labels:
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"Unrecognized servable version label: {label}; model {self.name} has labels "
+        f"{sorted(labels)}",
+      )
+    return labels[label]
 
   def unavailable_labels(self, labels: dict[str, int]) -> dict[str, int]:
     """The labels of `labels` that name a version not served now."""

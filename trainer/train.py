@@ -66,6 +66,20 @@ class Experiment:
   # Analytic training FLOPs per step (language models), for perf/mfu; None when unknown.
   flops_per_step: float | None
 
+  def train_iterator(self, **overrides):
+    """The training batches as the config describes them (sharded onto the mesh, from the
+    start of the stream); `overrides` replace train_iterator arguments, e.g. worker_threads."""
+    config = self.config
+    kwargs = {
+      "global_batch_size": config.train.global_batch_size,
+      "seed": config.seed,
+      "shuffle": config.data.shuffle,
+      "worker_threads": config.data.worker_threads,
+      "prefetch_batches": config.data.prefetch_batches,
+      "sharding": self.batch_sharding,
+    }
+    return input_pipeline.train_iterator(self.dataset, **{**kwargs, **overrides})
+
 
 def build_experiment(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
@@ -238,15 +252,7 @@ def _initial_state(
 ) -> tuple[TrainState, object, dict | None]:
   """The state to start from: restored from the latest checkpoint, or freshly initialized."""
   config = experiment.config
-  data_iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=config.data.worker_threads,
-    prefetch_batches=config.data.prefetch_batches,
-    sharding=experiment.batch_sharding,
-  )
+  data_iterator = experiment.train_iterator()
   latest = checkpointer.latest_step() if checkpointer else None
   if latest is not None:
     logging.info("Resuming from the checkpoint at step %d.", latest)

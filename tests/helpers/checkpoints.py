@@ -2,7 +2,7 @@
 
 import jax
 
-from trainer import checkpointing, input_pipeline, train
+from trainer import checkpointing, train
 
 
 def restore_latest(config, workdir, devices=None):
@@ -11,15 +11,7 @@ def restore_latest(config, workdir, devices=None):
   checkpointer = checkpointing.Checkpointer(
     str(workdir), config.checkpoint, best_metric="eval/accuracy", best_mode="max"
   )
-  iterator = input_pipeline.train_iterator(
-    experiment.dataset,
-    global_batch_size=config.train.global_batch_size,
-    seed=config.seed,
-    shuffle=config.data.shuffle,
-    worker_threads=0,
-    prefetch_batches=1,
-    sharding=experiment.batch_sharding,
-  )
+  iterator = experiment.train_iterator(worker_threads=0, prefetch_batches=1)
   step = checkpointer.latest_step()
   state, _ = checkpointer.restore(step, experiment.abstract_state, iterator)
   checkpointer.close()
