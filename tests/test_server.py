@@ -519,6 +519,28 @@ def test_load_8_clients_3_seconds_without_errors(server, pixels):
   )
 
 
+def _listening_addresses(port: int) -> set[str]:
+  """Local addresses (hex, as /proc/net/tcp writes them) listening on `port`."""
+  addresses = set()
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as f:
+      for line in f.readlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN.
+          addresses.add(address)
+  return addresses
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
+def test_both_apis_listen_on_loopback_only_by_default(server):
+  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6 (gRPC's choice); never 0.0.0.0 or [::].
+  loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+  for port in (server.grpc_port, server.rest_port):
+    addresses = _listening_addresses(port)
+    assert addresses and addresses <= loopback, (port, addresses)
+
+
 def test_grpc_health_service(server):
   from grpc_health.v1 import health_pb2, health_pb2_grpc
 

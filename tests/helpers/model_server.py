@@ -45,8 +45,9 @@ def jax_digits_outputs(workdir: str, pixels: np.ndarray) -> dict[str, np.ndarray
 
 
 class Server:
-  """`python -m serving.server --port=... --rest_api_port=... --host=127.0.0.1 *args`, on free
-  ports, its output in `log_path`; `model_name` is the model `wait_ready` waits for."""
+  """`python -m serving.server --port=... --rest_api_port=... *args`, on free ports (bound to
+  127.0.0.1 by default), its output in `log_path`; `model_name` is the model `wait_ready` waits
+  for."""
 
   def __init__(self, args: list[str], log_path: str, *, model_name: str = "digits"):
     import grpc
@@ -63,8 +64,7 @@ class Server:
         "serving.server",
         f"--port={self.grpc_port}",
         f"--rest_api_port={self.rest_port}",
-        "--host=127.0.0.1",
-        *args,
+        *args,  # No --host: the default, 127.0.0.1, is what the tests reach and check.
       ],
       cwd=REPO,
       env=SERVER_ENV,
