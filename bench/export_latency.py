@@ -25,7 +25,8 @@ from absl import app, flags, logging
 
 from configs import digits_cnn
 from configs import lm as lm_config
-from serving import export, inference
+from serving.export import exporter as export
+from serving.export import loading
 from trainer import log_filter, train
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer timed calls and no 125m LM.")
@@ -77,7 +78,7 @@ def _measure(name: str, config, root: str, calls: int) -> dict:
   result = export.export(workdir, os.path.join(root, name, "models"))
   export_seconds = time.perf_counter() - start
 
-  model = inference.load(workdir)
+  model = loading.load(workdir)
   serving = next(s for s in export.build_signatures(model, 32) if s.name == "serving_default")
   batch = {k: v[:8] for k, v in serving.golden_inputs.items()}
   jitted = jax.jit(serving.fn)

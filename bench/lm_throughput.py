@@ -48,8 +48,9 @@ from absl import app, flags
 import models
 from configs import lm
 from models import transformer
-from trainer import input_pipeline, tasks, train
-from trainer.data_sources import Dataset, load_dataset
+from trainer import tasks, train
+from trainer.data import pipeline as input_pipeline
+from trainer.data.sources import Dataset, load_dataset
 from trainer.optimizers import create_optimizer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: fewer steps, one repeat, two configs.")

@@ -59,7 +59,7 @@ _NUM_BATCH_THREADS = flags.DEFINE_integer(
 
 
 def _smoke_export(tmp: str) -> str:
-  from serving import export
+  from serving.export import exporter as export
   from tests.helpers.configs import smoke_config
   from trainer import train
 
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
   tmp = tempfile.mkdtemp(prefix="serving-bench-")
   base = _BASE.value or _smoke_export(tmp)
   latest = max(int(d) for d in os.listdir(base) if d.isdigit())
-  from serving import batching
+  from serving.server import batching
 
   batching_options = batching.BatchingOptions(
     max_batch_size=_MAX_BATCH_SIZE.value,
@@ -189,7 +189,7 @@ def main(argv: list[str]) -> None:
 
 
 def _in_process(base: str, version: int, x: np.ndarray, options) -> None:
-  from serving import batching, model_manager
+  from serving.server import batching, model_manager
 
   print("\nIn process, no RPC: threads calling the loaded version (requests/s):\n")
   print("| threads | plain | batching | batching / plain |")

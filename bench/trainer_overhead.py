@@ -54,7 +54,7 @@ from absl import app, flags
 import models
 from configs import base
 from trainer import checkpointing, tasks, train
-from trainer.data_sources import load_dataset
+from trainer.data.sources import load_dataset
 from trainer.optimizers import create_optimizer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: few steps, one repeat, a small state.")

@@ -1,4 +1,5 @@
-"""Serving: export trained checkpoints to TF SavedModels (and, later, serve them).
+"""Serving: the JAX side that exports checkpoints (`serving.export`), the TensorFlow-only model
+server (`serving.server`), the client, and what both sides agree on (`serving.contract`).
 
-This package is the only one that imports TensorFlow; training never does.
+Training never imports this package; the server never imports JAX or `trainer`.
 """

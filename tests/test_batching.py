@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import batching
-from serving.errors import ServingError
+from serving.server import batching
+from serving.server.errors import ServingError
 
 
 class Servable:

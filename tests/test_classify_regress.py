@@ -19,8 +19,10 @@ from tensorflow_serving.apis import (  # noqa: E402
   regression_pb2,
 )
 
-from serving import classify_regress, export, model_manager, parity  # noqa: E402
-from serving.model_manager import ServingError, SignatureInfo, TensorSpec  # noqa: E402
+from serving.export import exporter as export  # noqa: E402
+from serving.export import parity  # noqa: E402
+from serving.server import classify_regress, model_manager  # noqa: E402
+from serving.server.model_manager import ServingError, SignatureInfo, TensorSpec  # noqa: E402
 from tests.helpers import model_server  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from tests.test_server import Server  # noqa: E402

@@ -13,7 +13,8 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow (make install)")
 
 from configs import lm as lm_config  # noqa: E402
-from serving import export, inference, parity  # noqa: E402
+from serving.export import exporter as export  # noqa: E402
+from serving.export import loading, parity  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
@@ -41,7 +42,7 @@ def _listing(path):
 
 def test_exported_classifier_matches_jax(digits_run, digits_export):
   assert digits_export.version == 1 and os.path.basename(digits_export.path) == "1"
-  model = inference.load(digits_run)
+  model = loading.load(digits_run)
   from sklearn import datasets
 
   pixels = datasets.load_digits().data[:50].astype(np.float32)  # Raw 0..16 values, as clients send.
@@ -196,7 +197,7 @@ def test_cli_errors_and_tf_serving_compatibility(digits_export, tmp_path):
 
 
 def test_older_calling_convention_runs_on_older_servers(digits_run, tmp_path):
-  from serving import compatibility
+  from serving.export import compatibility
 
   result = export.export(digits_run, str(tmp_path), calling_convention_version=9)
   assert compatibility.xla_call_module_versions(result.path) == [9]
@@ -222,7 +223,7 @@ def test_language_model_export(tmp_path):
   result = export.export(str(tmp_path / "run"), str(tmp_path / "models"), max_new_tokens=5)
   assert result.signatures == ["serving_default", "generate"]
   assert result.parity["generate/tokens"] == 0.0
-  model = inference.load(str(tmp_path / "run"))
+  model = loading.load(str(tmp_path / "run"))
   loaded = tf.saved_model.load(result.path)
   prompt = np.array([list(b"def main():\n  ret")], np.int32)  # Any batch and length serve.
   log_probs = loaded.signatures["serving_default"](tokens=tf.constant(prompt))["log_probs"].numpy()

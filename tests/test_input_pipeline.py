@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from trainer import data_sources, input_pipeline, partitioning
+from trainer import partitioning
+from trainer.data import pipeline as input_pipeline
+from trainer.data import sources as data_sources
 
 
 def _data_config(**overrides):

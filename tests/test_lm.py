@@ -257,7 +257,7 @@ def test_user_text_and_token_array_record_files(tmp_path):
   text_config = _lm_config(
     **{"data.files": str(tmp_path / "*.txt"), "data.eval_every_documents": 6}
   )
-  from trainer import data_sources
+  from trainer.data import sources as data_sources
 
   from_text = data_sources.load_dataset(text_config.data)
   text_data.write_token_array_record(
@@ -277,7 +277,7 @@ def test_user_text_and_token_array_record_files(tmp_path):
 def test_token_array_record_rejects_ids_outside_the_byte_vocabulary(tmp_path):
   text_data.write_token_array_record(str(tmp_path / "bad.array_record"), [np.array([1, 300])])
   config = _lm_config(**{"data.files": str(tmp_path / "bad.array_record")})
-  from trainer import data_sources
+  from trainer.data import sources as data_sources
   from trainer.errors import ConfigError
 
   with pytest.raises(ConfigError, match=r"token id 300 outside the byte vocabulary"):

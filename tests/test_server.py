@@ -29,7 +29,10 @@ from tensorflow_serving.apis import (  # noqa: E402
 )
 
 from configs import lm as lm_config  # noqa: E402
-from serving import export, inference, model_config, model_manager, rest  # noqa: E402
+from serving.export import exporter as export  # noqa: E402
+from serving.export import loading  # noqa: E402
+from serving.server import model_config, model_manager  # noqa: E402
+from serving.server import rest_api as rest  # noqa: E402
 from tests.helpers import model_server  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
 from trainer import train  # noqa: E402
@@ -619,7 +622,7 @@ def lm_server(server, tmp_path_factory):
     model_name="lm",
     models_args=[f"--model_config_file={root / 'models.config'}"],
   ) as server:
-    yield server, inference.load(str(root / "run")), str(root / "models" / "1")
+    yield server, loading.load(str(root / "run")), str(root / "models" / "1")
 
 
 def test_language_model_signatures_over_grpc_and_rest(lm_server):
@@ -846,7 +849,7 @@ def test_a_version_label_moves_in_a_reloaded_config(batching_server):
 def test_tensor_protos_round_trip_as_tensorflow_makes_them(value):
   from tensorflow.core.framework import tensor_pb2
 
-  from serving import tensors
+  from serving.server import tensors
 
   proto = tensor_pb2.TensorProto()
   tensors.fill_tensor_proto(proto, value)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trainer.data_sources import Dataset
+from trainer.data.sources import Dataset
 
 
 def normalize(inputs: jax.Array, mean: float, std: float) -> jax.Array:

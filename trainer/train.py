@@ -21,8 +21,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from trainer import checkpointing, input_pipeline, manifest, partitioning, perf, steps, tasks
-from trainer.data_sources import Dataset, load_dataset
+from trainer import checkpointing, manifest, partitioning, perf, steps, tasks
+from trainer.data import pipeline as input_pipeline
+from trainer.data.sources import Dataset, load_dataset
 from trainer.errors import ConfigError
 from trainer.metrics import MetricWriter, ProgressLogger, StepMetrics
 from trainer.optimizers import Optimizer, create_optimizer

@@ -37,9 +37,9 @@ def jax_digits_outputs(workdir: str, pixels: np.ndarray) -> dict[str, np.ndarray
   """What the trained digits model in `workdir` answers for `pixels`, computed in JAX."""
   import jax
 
-  from serving import inference
+  from serving.export import loading
 
-  model = inference.load(workdir)
+  model = loading.load(workdir)
   logits = model.model.apply(model.variables, pixels.reshape(-1, 8, 8, 1) / 16.0, train=False)
   return {"probabilities": np.asarray(jax.nn.softmax(logits)), "classes": np.argmax(logits, -1)}
 

@@ -24,9 +24,9 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving import classify_regress
-from serving.metrics import Metrics
-from serving.model_manager import ModelRegistry, ServingError, TensorSpec
+from serving.server import classify_regress
+from serving.server.metrics import Metrics
+from serving.server.model_manager import ServedModels, ServingError, TensorSpec
 
 _ROUTE = re.compile(
   r"^/v1/models/(?P<name>[^/:]+)"
@@ -49,7 +49,7 @@ class _Server(http.server.ThreadingHTTPServer):
   daemon_threads = False
   block_on_close = True
 
-  def __init__(self, address, manager: ModelRegistry, metrics: Metrics, max_request_size_bytes):
+  def __init__(self, address, manager: ServedModels, metrics: Metrics, max_request_size_bytes):
     super().__init__(address, _RequestHandler)
     self.manager = manager
     self.metrics = metrics
@@ -152,7 +152,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     self.wfile.write(payload)
 
 
-def status(manager: ModelRegistry, name: str, version: int | None, label: str) -> dict:
+def status(manager: ServedModels, name: str, version: int | None, label: str) -> dict:
   return {
     "model_version_status": [
       {
@@ -165,7 +165,7 @@ def status(manager: ModelRegistry, name: str, version: int | None, label: str) -
   }
 
 
-def metadata(manager: ModelRegistry, name: str, version: int | None, label: str):
+def metadata(manager: ServedModels, name: str, version: int | None, label: str):
   from google.protobuf import json_format
   from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -182,7 +182,7 @@ def metadata(manager: ModelRegistry, name: str, version: int | None, label: str)
   return result, served.version
 
 
-def predict(manager: ModelRegistry, name: str, version: int | None, label: str, body: bytes):
+def predict(manager: ServedModels, name: str, version: int | None, label: str, body: bytes):
   """Row format ({"instances": [...]} -> {"predictions": [...]}) or columnar ({"inputs": ...}
   -> {"outputs": ...}), as TF Serving's REST API."""
   try:
@@ -302,7 +302,7 @@ def _rows(outputs: dict[str, np.ndarray]) -> list:
 
 
 def build(
-  manager: ModelRegistry, metrics: Metrics, host: str, port: int, *, max_request_size_bytes: int
+  manager: ServedModels, metrics: Metrics, host: str, port: int, *, max_request_size_bytes: int
 ) -> http.server.ThreadingHTTPServer:
   """A bound (not yet serving) REST server; call `serve_forever()` in a thread."""
   return _Server((host, port), manager, metrics, max_request_size_bytes)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from serving import compatibility, inference, parity, signatures
+from serving.export import compatibility, loading, parity, signatures
 from trainer import log_filter
 from trainer.errors import ConfigError
 
@@ -69,11 +69,11 @@ def export(
   left in `export_base`.
   """
   start = time.perf_counter()
-  inference.resolve_step(workdir, step)  # Fail on a bad workdir or step before touching the base.
+  loading.resolve_step(workdir, step)  # Fail on a bad workdir or step before touching the base.
   if version is not None and version < 1:
     raise ConfigError(f"--version={version} must be a positive integer")
   _prepare_base(export_base)
-  model = inference.load(workdir, step)
+  model = loading.load(workdir, step)
   version = version if version is not None else next_version(export_base)
   final_path = os.path.join(export_base, str(version))
   if os.path.exists(final_path):
@@ -130,7 +130,7 @@ class _calling_convention:
 
 
 def build_signatures(
-  model: inference.InferenceModel, max_new_tokens: int
+  model: loading.InferenceModel, max_new_tokens: int
 ) -> list[signatures.Signature]:
   golden = _golden_inputs(model)
   if model.data_spec["kind"] == "language_model":
@@ -138,9 +138,9 @@ def build_signatures(
   return signatures.classifier_signatures(model, golden)
 
 
-def _golden_inputs(model: inference.InferenceModel) -> np.ndarray:
+def _golden_inputs(model: loading.InferenceModel) -> np.ndarray:
   """The first eval examples (or, when the data is not at hand, seeded random ones)."""
-  from trainer.data_sources import load_dataset
+  from trainer.data.sources import load_dataset
 
   spec = model.data_spec
   try:

@@ -19,9 +19,9 @@ from tensorflow_serving.apis import (
   prediction_service_pb2_grpc,
 )
 
-from serving import classify_regress, tensors
-from serving.metrics import Metrics
-from serving.model_manager import ModelRegistry, ServingError
+from serving.server import classify_regress, tensors
+from serving.server.metrics import Metrics
+from serving.server.model_manager import ServedModels, ServingError
 
 # The services whose health the standard health service reports, besides the server's ("").
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
@@ -46,7 +46,7 @@ class _Handler:
   """Runs one RPC: maps ServingError to its status code, anything else to INTERNAL, and records
   metrics. A failure never outlives its request."""
 
-  def __init__(self, manager: ModelRegistry, metrics: Metrics):
+  def __init__(self, manager: ServedModels, metrics: Metrics):
     self.manager = manager
     self.metrics = metrics
 
@@ -155,9 +155,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     return self.handler("GetModelStatus", request.model_spec, context, status)
 
   def HandleReloadConfigRequest(self, request, context):
-    """Serves exactly the request's ModelServerConfig (see ModelRegistry.reload); answers when
+    """Serves exactly the request's ModelServerConfig (see ServedModels.reload); answers when
     the new models are loaded. A failure is the RPC's status and the response's."""
-    from serving import model_config
+    from serving.server import model_config
 
     start = time.perf_counter()
     response = model_management_pb2.ReloadConfigResponse()
@@ -186,7 +186,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def build(
-  manager: ModelRegistry,
+  manager: ServedModels,
   metrics: Metrics,
   address: str,
   *,

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
-from serving.inference import InferenceModel
-from trainer import text_data
+from serving.export.loading import InferenceModel
+from trainer.data import text as text_data
 from trainer.tasks import normalize
 
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"

@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving import tensors
-from serving.batching import BatchScheduler
-from serving.errors import ServingError
-from serving.model_config import ModelConfig, VersionPolicy
+from serving.server import tensors
+from serving.server.batching import BatchScheduler
+from serving.server.errors import ServingError
+from serving.server.model_config import ModelConfig, VersionPolicy
 
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # TF Serving replays at most this many warmup records.
@@ -424,7 +424,7 @@ class ModelManager:
       self._status[version] = VersionStatus(version, state, error)
 
 
-class ModelRegistry:
+class ServedModels:
   """The models a server serves, by name; the same lookups as a ModelManager, and `reload` to
   change the set of models, their version policies and labels while serving."""
 

@@ -27,7 +27,7 @@ import numpy as np
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
-from serving.model_manager import DEFAULT_SIGNATURE, ServingError, SignatureInfo
+from serving.server.model_manager import DEFAULT_SIGNATURE, ServingError, SignatureInfo
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 REGRESS_METHOD_NAME = "tensorflow/serving/regress"

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from grain import experimental as grain_experimental
 
-from trainer.data_sources import ArrayRecordSource, ArraySource, Dataset
+from trainer.data.sources import ArrayRecordSource, ArraySource, Dataset
 from trainer.errors import ConfigError
 
 # Device-side buffer: one batch being consumed, one transferred ahead.

@@ -78,7 +78,7 @@ _SHUTDOWN_GRACE = flags.DEFINE_float(
 
 
 def _model_configs():
-  from serving import model_config
+  from serving.server import model_config
 
   if _MODEL_CONFIG_FILE.value and _MODEL_BASE_PATH.value:
     raise app.UsageError("give --model_config_file or --model_base_path, not both")
@@ -101,7 +101,7 @@ def _model_configs():
 
 
 def _batch_scheduler(server_metrics):
-  from serving import batching
+  from serving.server import batching
 
   if not (_ENABLE_BATCHING.value or _BATCHING_PARAMETERS_FILE.value):
     return None
@@ -125,8 +125,8 @@ def _grpc_threads(batch_scheduler) -> int:
 def _watch_model_config_file(registry, path: str, every_seconds: int, stop: threading.Event):
   """Applies `path` whenever its text changes; retries a text that failed to apply (a label
   may name a version still being exported), logging each distinct error once."""
-  from serving import model_config
-  from serving.errors import ServingError
+  from serving.server import model_config
+  from serving.server.errors import ServingError
 
   applied, error = None, None
   while not stop.wait(every_seconds):
@@ -150,13 +150,13 @@ def _watch_model_config_file(registry, path: str, every_seconds: int, stop: thre
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from serving import grpc_server, metrics, model_manager, rest
-  from serving.errors import ServingError
+  from serving.server import grpc_api, metrics, model_manager, rest_api
+  from serving.server.errors import ServingError
 
   configs = _model_configs()
   server_metrics = metrics.Metrics()
   batch_scheduler = _batch_scheduler(server_metrics)
-  registry = model_manager.ModelRegistry(
+  registry = model_manager.ServedModels(
     poll_wait_seconds=_POLL_WAIT.value,
     batch_scheduler=batch_scheduler,
     load_retry=model_manager.LoadRetry(
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> None:
       name="model-config-watcher",
       daemon=True,
     ).start()
-  grpc, grpc_port, health = grpc_server.build(
+  grpc, grpc_port, health = grpc_api.build(
     registry,
     server_metrics,
     f"{_HOST.value}:{_PORT.value}",
@@ -190,7 +190,7 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   httpd = None
   if _REST_API_PORT.value:
-    httpd = rest.build(
+    httpd = rest_api.build(
       registry,
       server_metrics,
       _HOST.value,

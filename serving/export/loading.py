@@ -133,7 +133,8 @@ def _has_arrays(tree) -> bool:
 
 def _abstract_variables(model: nn.Module, data_spec: dict) -> dict:
   """Shapes of the model's variables, placed on this process's first device."""
-  from trainer import data_sources, tasks
+  from trainer import tasks
+  from trainer.data import sources as data_sources
 
   dataset = data_sources.Dataset(
     train=None,

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving.errors import ServingError
+from serving.server.errors import ServingError
 
 # Defaults of TF Serving's BatchingParameters (SharedBatchScheduler::QueueOptions).
 DEFAULT_MAX_BATCH_SIZE = 1000

@@ -111,7 +111,7 @@ def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> Non
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Opens the dataset `config.data.name`; raises ConfigError for unknown names or bad paths."""
-  from trainer import text_data  # The LM's sources live beside their tokenizer.
+  from trainer.data import text as text_data  # The LM's sources live beside their tokenizer.
 
   loaders = {
     "text": text_data.load_text_dataset,

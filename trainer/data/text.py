@@ -138,7 +138,7 @@ class PackedTextSource:
 
 def load_text_dataset(config: ml_collections.ConfigDict):
   """Packed train/eval rows from `config.data.files` (or the standard library's sources)."""
-  from trainer.data_sources import Dataset
+  from trainer.data.sources import Dataset
 
   if config.seq_len < 2:
     raise ConfigError(f"config.data.seq_len={config.seq_len} must be >= 2")

@@ -1,0 +1,1 @@
+"""Training data: dataset types and sources (`sources`, `text`) and the grain pipeline (`pipeline`)."""
