@@ -7,7 +7,8 @@ import pytest
 
 from configs import lm as lm_config
 from models import decoding, transformer
-from trainer import partitioning, text_data, train
+from trainer import partitioning, train
+from trainer.data import text as text_data
 
 
 def _lm_config(**overrides):

@@ -14,7 +14,8 @@ import pytest
 
 from tests.helpers.checkpoints import restore_latest
 from tests.helpers.configs import smoke_config
-from trainer import checkpointing, distributed, input_pipeline, train
+from trainer import checkpointing, distributed, train
+from trainer.data import pipeline as input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "scripts", "launch_local.sh")
