@@ -7,8 +7,12 @@ fails at the command line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 from ml_collections import config_dict
+
+from trainer.errors import ConfigError
 
 # Logical parameter/activation axis names -> mesh axes. `batch` is split over both data-parallel
 # axes (`data` replicates parameters, `fsdp` shards them); `tensor` splits hidden widths.
@@ -143,21 +147,49 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def parse_config_arg(arg: str | None, **defaults):
-  """Parses a config-file argument such as `smoke` or `size=tiny,smoke` into a dict.
+_TRUE_WORDS = ("true", "1", "yes")
+_FALSE_WORDS = ("false", "0", "no")
 
-  Bare words become True. Every key must be one of `defaults`, so a typo fails loudly.
+
+def parse_config_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config-file argument such as `smoke` or `size=tiny,smoke` (the part of
+  `--config=FILE:ARG` after the colon) into a ConfigDict of `defaults`' keys.
+
+  Called by each config's `get_config`. Bare words set a key to True; `key=value` sets it to the
+  string `value`, or for a key whose default is a bool, to true/false (`smoke=false`). Raises
+  ConfigError for a key that is not one of `defaults` and for a bool that is neither.
   """
   values = dict(defaults)
   for token in filter(None, (arg or "").split(",")):
     key, sep, value = token.partition("=")
-    key = key.strip()
+    key, value = key.strip(), value.strip()
     if key not in defaults:
-      raise ValueError(
+      raise ConfigError(
         f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
       )
-    values[key] = value.strip() if sep else True
+    if isinstance(defaults[key], bool) and sep:
+      if value.lower() not in _TRUE_WORDS + _FALSE_WORDS:
+        raise ConfigError(f"config argument {key}={value!r} in {arg!r} must be true or false")
+      values[key] = value.lower() in _TRUE_WORDS
+    else:
+      values[key] = value if sep else True
   return ml_collections.ConfigDict(values)
+
+
+def model_name(key: str, value: str, names: Sequence[str], prefix: str) -> str:
+  """The model `value` names: one of `names` (`resnet_tiny`, `lm_125m`), or one of them without
+  `prefix` and its underscore (`tiny`, `125m`), the short form every config argument accepts.
+
+  Called by configs' `get_config` for their size/variant argument; raises ConfigError naming
+  both forms of every valid choice.
+  """
+  short = {name.removeprefix(prefix).removeprefix("_"): name for name in names}
+  if value in names:
+    return value
+  if value in short:
+    return short[value]
+  choices = ", ".join(f"{s} ({name})" for s, name in short.items())
+  raise ConfigError(f"unknown {key} {value!r}; choose one of {choices}")
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:

@@ -8,6 +8,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  """`arg`: nothing, or `smoke` (cnn_tiny, 20 steps). Raises ConfigError for anything else."""
   args = base.parse_config_arg(arg, smoke=False)
   config = base.get_base_config()
   config.data.name = "digits"

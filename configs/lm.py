@@ -1,6 +1,7 @@
 """A GPT-style language model on byte-level text (by default, the Python standard library).
 
   python -m trainer.main --config=configs/lm.py:size=tiny --workdir=/tmp/lm
+  python -m trainer.main --config=configs/lm.py:size=tiny,smoke --workdir=/tmp/lm_smoke
   python -m trainer.main --config=configs/lm.py:size=350m --workdir=/runs/lm350m \\
       --config.mesh.fsdp=-1 --config.mesh.tensor=2 --config.data.files='/data/*.txt'
 """
@@ -18,16 +19,18 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
+  """`arg`: `size=S` (tiny, 125m, 350m, 760m, 1.3b, or the model name lm_S), `smoke`, or both
+  (`size=tiny,smoke`). Raises ConfigError for anything else."""
   args = base.parse_config_arg(arg, size="tiny", smoke=False)
-  if args.size not in SIZES:
-    raise ValueError(f"unknown size {args.size!r} in {arg!r}; choose one of {list(SIZES)}")
-  seq_len, batch, learning_rate = SIZES[args.size]
+  model = base.model_name("size", args.size, [f"lm_{size}" for size in SIZES], "lm")
+  size = model.removeprefix("lm_")
+  seq_len, batch, learning_rate = SIZES[size]
   config = base.get_base_config()
   config.data.name = "text"
   config.data.seq_len = seq_len
-  config.model.name = f"lm_{args.size}"
+  config.model.name = model
   # Large models compute in bfloat16 (parameters stay float32); tiny stays float32 for CPU tests.
-  config.model.dtype = "float32" if args.size == "tiny" else "bfloat16"
+  config.model.dtype = "float32" if size == "tiny" else "bfloat16"
 
   config.optim.name = "adamw"
   config.optim.learning_rate = learning_rate
