@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("tensorflow_serving", reason="the serving side needs tensorflow-serving-api")
 
-from serving.server import batching, model_config  # noqa: E402
+from serving.server import batching, model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_CONFIG = "configs/serving/models.config"
