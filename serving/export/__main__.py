@@ -1,8 +1,15 @@
 """`python -m serving.export`: see `serving.export.exporter`."""
 
-from absl import app
+import sys
 
-from serving.export import exporter
+from serving import native_logs
+
+# Before anything imports TensorFlow: its start-up notices are dropped unless -v 1.
+native_logs.quiet_native_logs(sys.argv)
+
+from absl import app  # noqa: E402
+
+from serving.export import exporter  # noqa: E402
 
 if __name__ == "__main__":
   app.run(exporter.main)

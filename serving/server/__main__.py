@@ -1,8 +1,15 @@
 """`python -m serving.server`: see `serving.server.main`."""
 
-from absl import app
+import sys
 
-from serving.server import main
+from serving import native_logs
+
+# Before anything imports TensorFlow: its start-up notices are dropped unless -v 1.
+native_logs.quiet_native_logs(sys.argv)
+
+from absl import app  # noqa: E402
+
+from serving.server import main  # noqa: E402
 
 if __name__ == "__main__":
   app.run(main.main)
