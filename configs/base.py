@@ -36,6 +36,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seeds parameter init, data order and per-step randomness (dropout).
   config.seed = 0
+  # What this run is for, in a sentence or two: the "Objective" of its experiment report.
+  config.description = ""
 
   config.data = ml_collections.ConfigDict()
   # digits | synthetic | npz | array_record (classification), text (language models)
@@ -144,6 +146,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Peak dense TFLOP/s of one device for perf/mfu; 0 looks the device up in trainer/perf.py
   # (known GPUs and TPUs). Set it for anything else, e.g. a CPU.
   config.perf.peak_tflops = 0.0
+
+  # MLflow tracking (trainer/tracking.py); a store that fails never stops training.
+  config.tracking = ml_collections.ConfigDict()
+  config.tracking.enabled = True
+  # Tracking URI; empty means sqlite:///<project root>/mlflow.db. MLFLOW_TRACKING_URI wins.
+  config.tracking.uri = ""
+  # MLFLOW_EXPERIMENT_NAME wins.
+  config.tracking.experiment = "jax-trainer"
+  # Artifact root of a new experiment; empty: next to a SQLite store, else MLflow's default.
+  config.tracking.artifact_location = ""
+  # How long the end of training waits for unsent records before reporting them as not logged.
+  config.tracking.flush_timeout_s = 60.0
+  # Write the experiment report (python -m mlops.report) at the end and log it as an artifact.
+  config.tracking.report = True
   return config
 
 

@@ -14,11 +14,27 @@ import pytest
 from configs import digits_cnn
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_test_store(tmp_path_factory):
+  """Every run in the session (and the processes it starts) tracks to a throwaway SQLite store,
+  never to the project root's mlflow.db."""
+  store = tmp_path_factory.mktemp("mlflow")
+  previous = os.environ.get("MLFLOW_TRACKING_URI")
+  os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+  yield store
+  if previous is None:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+  else:
+    os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 @pytest.fixture
 def smoke_config():
-  """The digits smoke config: a tiny CNN, 20 steps of 32 examples."""
+  """The digits smoke config: a tiny CNN, 20 steps of 32 examples. The end-of-run report is off
+  (seconds of plotting per run); tests of the report turn it on."""
   config = digits_cnn.get_config("smoke")
   config.data.worker_threads = 0
+  config.tracking.report = False
   return config
 
 

@@ -85,6 +85,8 @@ def _print_summary(result: train.TrainResult) -> None:
     f"workdir: {result.workdir}",
     f"tensorboard --logdir {result.workdir}/tensorboard",
   ]
+  if result.tracking:
+    lines.append(result.tracking.describe())
   print("\n".join(lines), flush=True)
 
 

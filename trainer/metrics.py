@@ -28,10 +28,13 @@ _stack = jax.jit(jnp.stack)
 class MetricWriter:
   """TensorBoard writer that is live on process 0 and a no-op everywhere else.
 
-  Construct it on every process; only process 0 touches the filesystem.
+  Construct it on every process; only process 0 touches the filesystem. Every scalar also goes
+  to `tracker.log_metrics(step, scalars)` when a tracker is given (trainer/tracking.py), so MLflow
+  gets the same metrics at the same steps.
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, tracker=None):
+    self._tracker = tracker
     self._writer = None
     if jax.process_index() == 0:
       import tensorboardX  # Deferred: processes other than 0 never need it.
@@ -42,6 +45,8 @@ class MetricWriter:
     if self._writer:
       for name, value in scalars.items():
         self._writer.add_scalar(name, value, step)
+    if self._tracker:
+      self._tracker.log_metrics(step, scalars)
 
   def write_config(self, config: ml_collections.ConfigDict, metric_names: list[str]) -> None:
     """Writes the config as text and as hparams, so runs compare in TensorBoard's HParams tab."""

@@ -21,7 +21,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from trainer import checkpointing, manifest, partitioning, perf, steps, tasks
+from trainer import checkpointing, manifest, partitioning, perf, steps, tasks, tracking
 from trainer.data import pipeline as input_pipeline
 from trainer.data.sources import Dataset, load_dataset
 from trainer.errors import ConfigError
@@ -45,6 +45,10 @@ class TrainResult:
   steps_per_sec: float
   preempted: bool
   stopped_early: bool
+  # An `on_eval` callback asked to stop (e.g. the HPO pruner).
+  stopped_by_callback: bool = False
+  # What MLflow got (and what it did not).
+  tracking: tracking.TrackingSummary | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +207,18 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
   devices: Sequence[jax.Device] | None = None,
+  on_eval: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   Every process must call this. Raises ConfigError (with nothing written) for an unusable
   config or a workdir holding an incompatible checkpoint, and NonFiniteError when the loss or
-  gradient norm stops being finite.
+  gradient norm stops being finite. The run is tracked in MLflow (trainer/tracking.py) and ends
+  there FINISHED, KILLED (preempted) or FAILED (an exception).
+
+  `on_eval(step, eval_metrics)`, when given, is called after every eval on every process and
+  returns True to stop there: the state is checkpointed and the result has
+  `stopped_by_callback`. It must answer the same on every process (HPO pruning uses it).
   """
   experiment = build_experiment(config, devices)
   saved_steps = checkpointing.existing_steps(workdir)
@@ -227,25 +237,42 @@ def train_and_evaluate(
     if config.checkpoint.enabled
     else None
   )
-  writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  tracker = tracking.RunTracker(config, workdir)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"), tracker)
+  status, reason = "FAILED", "error"
   try:
     state, data_iterator, loop_state = _initial_state(experiment, checkpointer)
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
-      manifest.write_manifest(
-        workdir,
-        manifest.build_manifest(
-          config, experiment.mesh, experiment.dataset.fingerprint, start_step
-        ),
+      run_manifest = manifest.build_manifest(
+        config, experiment.mesh, experiment.dataset.fingerprint, start_step
       )
+      manifest.write_manifest(workdir, run_manifest)
+      tracking.log_run_start(tracker, config, run_manifest, workdir)
     writer.write_config(config, [f"eval/{name}" for name in experiment.task.metric_names])
-    loop = _TrainLoop(experiment, checkpointer, writer, start_step, loop_state)
+    loop = _TrainLoop(experiment, checkpointer, writer, start_step, loop_state, on_eval)
     result = loop.run(state, data_iterator)
-    return dataclasses.replace(result, workdir=os.path.abspath(workdir))
+    status = "KILLED" if result.preempted else "FINISHED"
+    reason = (
+      "preempted"
+      if result.preempted
+      else "stopped_by_callback"
+      if result.stopped_by_callback
+      else "stopped_early"
+      if result.stopped_early
+      else "completed"
+    )
+  except BaseException as e:
+    reason = f"{type(e).__name__}: {e}"
+    raise
   finally:
     if checkpointer:
       checkpointer.close()  # Waits for in-flight saves.
     writer.close()
+    if status != "FAILED" and config.tracking.report and jax.process_index() == 0:
+      tracking.write_and_log_report(tracker, workdir)
+    summary = tracker.end(status, reason)
+  return dataclasses.replace(result, workdir=os.path.abspath(workdir), tracking=summary)
 
 
 def _initial_state(
@@ -320,8 +347,11 @@ class _TrainLoop:
     writer: MetricWriter,
     start_step: int,
     loop_state: dict | None,
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None,
   ):
     self.experiment = experiment
+    self.on_eval = on_eval
+    self.stopped_by_callback = False
     self.config = experiment.config
     self.checkpointer = checkpointer
     self.writer = writer
@@ -394,7 +424,8 @@ class _TrainLoop:
       best_checkpoint_step=self.checkpointer.best_step() if self.checkpointer else None,
       steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
       preempted=preempted,
-      stopped_early=stopped_early,
+      stopped_early=stopped_early and not self.stopped_by_callback,
+      stopped_by_callback=self.stopped_by_callback,
     )
 
   def _log_train(self, step: int) -> None:
@@ -416,7 +447,10 @@ class _TrainLoop:
       "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in self.eval_metrics.items())
     )
     stop = self.early_stopping.should_stop(self.eval_metrics)
-    if stop:
+    if self.on_eval is not None and self.on_eval(step, dict(self.eval_metrics)):
+      logging.info("Stopping at step %d: the on_eval callback asked to.", step)
+      self.stopped_by_callback = stop = True
+    elif stop:
       logging.info(
         "Early stopping at step %d: %s did not improve for %d evals.",
         step,

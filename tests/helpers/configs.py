@@ -7,6 +7,7 @@ def smoke_config(overrides: dict):
   """The digits smoke config with `{"section.field": value}` overrides applied."""
   config = digits_cnn.get_config("smoke")
   config.data.worker_threads = 0
+  config.tracking.report = False  # Seconds of plotting per run; tests of the report enable it.
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split(".")
     node = config
