@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlops import report_records
-from trainer import train, tracking
+from trainer import tracking, train
 from trainer.metrics import flatten_config
 
 
