@@ -28,6 +28,27 @@ def mlflow_test_store(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+@pytest.fixture(scope="session")
+def postgres():
+  """A real PostgreSQL server for the session (tests/helpers/postgres.py). Skips where no
+  binaries exist, except under CI (CI=true), where .ci/run installs them and a skip would hide
+  the distributed paths: there it fails."""
+  from tests.helpers import postgres as postgres_helper
+
+  bin_dir = postgres_helper.find_bin_dir()
+  if bin_dir is None:
+    message = "PostgreSQL binaries (initdb, pg_ctl) not found; apt-get install postgresql"
+    if os.environ.get("CI") == "true":
+      pytest.fail(f"CI: {message} (.ci/run does this)")
+    pytest.skip(message)
+  server = postgres_helper.PostgresServer(bin_dir)
+  try:
+    server.start()
+    yield server
+  finally:
+    server.stop()
+
+
 @pytest.fixture
 def smoke_config():
   """The digits smoke config: a tiny CNN, 20 steps of 32 examples. The end-of-run report is off
