@@ -1,0 +1,98 @@
+"""Text in, text out for an exported language model's `generate` signature.
+
+The LMs here are byte-level (trainer.data.text): token ids 0..255 are the UTF-8 bytes of the
+text, 256 is BOS, 257 EOS and 258 PAD. Training documents are packed as `[BOS] bytes [EOS]`, so a
+prompt that starts a document is `[BOS] + its bytes`, and a continuation ends at the first EOS.
+`generate` takes `tokens` int32 [batch, prompt_length] and answers `tokens` int32
+[batch, max_new_tokens]; newer exports also take per-row prompt `lengths` and sampling inputs
+(`temperature`, `top_k`, `seed`), which are filled in when the signature declares them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from serving.model_client import ClientError, ModelClient, numpy_dtype
+
+GENERATE_SIGNATURE = "generate"
+BOS_ID = 256
+EOS_ID = 257
+PAD_ID = 258
+_LENGTH_INPUTS = ("lengths", "prompt_lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How `generate` picks tokens, for exports whose signature takes these inputs: greedy when
+  temperature is 0; top_k 0 samples from the whole vocabulary; a fixed seed repeats."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  seed: int = 0
+
+
+def encode_prompt(text: str) -> np.ndarray:
+  """[BOS] + the UTF-8 bytes of `text`, as int32 token ids."""
+  return np.array([BOS_ID, *text.encode()], np.int32)
+
+
+def decode_continuation(tokens) -> str:
+  """The text of generated token ids up to the first EOS; BOS, PAD and ids above 255 are
+  dropped, and bytes cut in the middle of a UTF-8 character show as U+FFFD."""
+  data = bytearray()
+  for token in np.asarray(tokens).reshape(-1).tolist():
+    if token == EOS_ID:
+      break
+    if 0 <= token < 256:
+      data.append(token)
+  return data.decode(errors="replace")
+
+
+def generate_inputs(signature_def, prompt: np.ndarray, sampling: Sampling) -> dict:
+  """The `generate` request for one prompt: `tokens` [1, length], and each optional input the
+  signature declares, as a scalar or one value per row as its shape says. Raises ClientError
+  for an input this client does not know, or sampling asked of an export without it."""
+  names = set(signature_def.inputs)
+  if "tokens" not in names:
+    raise ClientError(f"the {GENERATE_SIGNATURE} signature takes {sorted(names)}, not tokens")
+  values = {"tokens": prompt[None, :]}
+  for name in sorted(names - {"tokens"}):
+    if name in _LENGTH_INPUTS:
+      value = len(prompt)
+    elif name in ("temperature", "top_k", "seed"):
+      value = getattr(sampling, name)
+    else:
+      raise ClientError(f"the {GENERATE_SIGNATURE} signature's input {name!r} is not known here")
+    info = signature_def.inputs[name]
+    rank = None if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
+    values[name] = np.asarray(value if rank == 0 else [value], numpy_dtype(info.dtype))
+  asked = {f: v for f, v in dataclasses.asdict(sampling).items() if v != 0}
+  missing = sorted(set(asked) - names)
+  if missing:
+    raise ClientError(
+      f"this export's {GENERATE_SIGNATURE} is greedy only (no {', '.join(missing)} input); "
+      "re-export the model with a newer serving.export to sample"
+    )
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  version: int  # The model version that answered.
+  tokens: list[int]  # What `generate` returned for the prompt.
+  text: str  # Their decoded continuation.
+
+
+def generate_text(
+  client: ModelClient, signature_def, text: str, sampling: Sampling = Sampling()
+) -> Generated:
+  """Sends `text` to the `generate` signature (described by `signature_def`, from the server's
+  metadata) as byte tokens, and decodes the answer. Raises ClientError."""
+  inputs = generate_inputs(signature_def, encode_prompt(text), sampling)
+  version, outputs = client.predict(inputs, GENERATE_SIGNATURE)
+  if "tokens" not in outputs:
+    raise ClientError(f"{GENERATE_SIGNATURE} answered {sorted(outputs)}, not tokens")
+  tokens = outputs["tokens"][0].tolist()
+  return Generated(version, tokens, decode_continuation(tokens))
