@@ -119,6 +119,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Global batch over all processes; must divide by the data-parallel size (data * fsdp).
   config.train.global_batch_size = 128
   config.train.log_every_steps = 100
+  # Watchdog (trainer/watchdog.py): when no step completes for stall_timeout_s, every process
+  # logs its stage and thread stacks and exits with status 3. 0 means max(stall_floor_s, 100 x
+  # the measured step time); the floor also covers compilation, evals and checkpoints.
+  config.train.stall_timeout_s = 0.0
+  config.train.stall_floor_s = 600.0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 200

@@ -32,7 +32,11 @@ def test_sbatch_script_runs_one_trainer_per_node_through_srun(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   args = log.read_text().splitlines()
-  assert "--kill-on-bad-exit=1" in args and "--ntasks-per-node=1" in args
+  assert "--kill-on-bad-exit=1" in args
+  # The step takes the job's allocation: no task-layout option srun would override or ignore.
+  srun_options, python = args[:-6], args[-6]
+  assert python.endswith("python") and "--wait=60" in srun_options
+  assert not [a for a in srun_options if a.startswith(("--ntasks", "--nodes", "--gpus", "--cpus"))]
   assert args[-5:] == [
     "-m",
     "trainer.main",
@@ -43,6 +47,9 @@ def test_sbatch_script_runs_one_trainer_per_node_through_srun(tmp_path):
   with open(os.path.join(SCRIPTS, "slurm", "train.sbatch")) as f:
     header = f.read()
   assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --signal=TERM@" in header
+  # The GPU defaults and, next to them, the override a CPU or test cluster needs.
+  assert "#SBATCH --gpus-per-node=8" in header and "#SBATCH --cpus-per-task=" in header
+  assert "sbatch --gpus-per-node=0 --cpus-per-task=2" in header
 
 
 def test_sbatch_script_usage_errors():

@@ -1,6 +1,8 @@
 """Several processes on localhost rehearse a multi-host job (jax.distributed over gloo)."""
 
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +16,7 @@ import pytest
 
 from tests.helpers.checkpoints import restore_latest
 from tests.helpers.configs import smoke_config
-from trainer import checkpointing, distributed, train
+from trainer import checkpointing, distributed, train, watchdog
 from trainer.data import pipeline as input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,14 +46,22 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, overrides, *, num_processes=2, timeout=300):
+def _launch(
+  workdir,
+  overrides,
+  *,
+  num_processes=2,
+  devices_per_process=4,
+  config="configs/digits_cnn.py:smoke",
+  timeout=300,
+):
   proc = subprocess.run(
     [
       LAUNCHER,
       f"--num_processes={num_processes}",
-      "--devices_per_process=4",
+      f"--devices_per_process={devices_per_process}",
       "--",
-      "--config=configs/digits_cnn.py:smoke",
+      f"--config={config}",
       f"--workdir={workdir}",
       *_flags(overrides),
     ],
@@ -249,26 +259,151 @@ def test_a_dead_process_makes_the_others_fail(tmp_path):
   assert resumed.step == saved[-1] + 2
 
 
-def test_slurm_environment_is_detected(tmp_path):
-  """The SLURM path: the variables srun sets, no coordinator flags; JAX finds the rest."""
-  job_id = str(_free_port())  # JAX derives the coordinator port from the job id.
-  procs = []
-  for i in range(2):
-    env = {
-      "SLURM_JOB_ID": job_id,
-      "SLURM_NTASKS": "2",
-      "SLURM_PROCID": str(i),
-      "SLURM_LOCALID": str(i),
-      "SLURM_STEP_NODELIST": "localhost",
-      "SLURM_NTASKS_PER_NODE": "2",
-    }
-    procs.append(
-      _spawn(tmp_path, {**OVERRIDES, "train.num_steps": 2, "eval.every_steps": 2}, i, None, env=env)
-    )
+def _slurm_job_id_and_port():
+  """A job id whose SLURM coordinator port (JAX: job id % 4096 + 61440) is free here."""
+  for port in range(61440 + os.getpid() % 4096, 61440 + 4096):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return 4096 * 1000 + port - 61440, port
+  raise AssertionError("no free port in SLURM's coordinator range")
+
+
+def _slurm_task_environment(job_id: int, task: int, tasks: int = 2) -> dict:
+  """The variables srun sets in each task of a one-node job of `tasks` tasks (slurm 22.05)."""
+  return {
+    "SLURM_JOB_ID": str(job_id),
+    "SLURM_JOBID": str(job_id),
+    "SLURM_JOB_NAME": "jax-train",
+    "SLURM_JOB_NODELIST": "localhost",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NTASKS": str(tasks),
+    "SLURM_NPROCS": str(tasks),
+    "SLURM_TASKS_PER_NODE": str(tasks),
+    "SLURM_NTASKS_PER_NODE": str(tasks),
+    "SLURM_CPUS_PER_TASK": "1",
+    "SLURM_CPUS_ON_NODE": str(tasks),
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEPID": "0",
+    "SLURM_STEP_NODELIST": "localhost",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_STEP_NUM_TASKS": str(tasks),
+    "SLURM_STEP_TASKS_PER_NODE": str(tasks),
+    "SLURM_PROCID": str(task),
+    "SLURM_LOCALID": str(task),
+    "SLURM_NODEID": "0",
+    "SLURMD_NODENAME": "localhost",
+    "SLURM_SUBMIT_DIR": REPO,
+    "SLURM_CLUSTER_NAME": "test",
+  }
+
+
+def test_slurm_environment_of_two_tasks_is_detected(tmp_path):
+  """The SLURM path: the variables srun sets, no coordinator flags; JAX finds the rest, and
+  the log says what it resolved (the coordinator from the node list and the job id)."""
+  job_id, port = _slurm_job_id_and_port()
+  overrides = {**OVERRIDES, "train.num_steps": 2, "eval.every_steps": 2}
+  procs = [
+    _spawn(tmp_path, overrides, i, None, env=_slurm_task_environment(job_id, i)) for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
-  assert "Initializing jax.distributed (SLURM)" in outputs[0]
-  assert "JAX process 1/2" in outputs[1]
+  for i, output in enumerate(outputs):
+    assert "Initializing jax.distributed (SLURM)" in output
+    assert (
+      f"Cluster: SLURM | process {i} of 2 | coordinator localhost:{port} | "
+      "4 local / 8 global devices (cpu)"
+    ) in output, output[-3000:]
+
+
+def test_one_slurm_task_runs_without_jax_distributed(caplog):
+  with caplog.at_level(logging.INFO):
+    started = distributed.initialize(
+      distributed.DistributedOptions(), {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"}
+    )
+  assert not started
+  assert "SLURM job 77 with one task (SLURM_NTASKS=1): one process, jax.distributed not" in (
+    caplog.text
+  )
+  assert "Cluster: SLURM | process 0 of 1 | coordinator none | 8 local / 8 global" in caplog.text
+
+
+def test_watchdog_ends_every_process_of_a_stalled_job(tmp_path):
+  """Process 1 stalls in its input stage; process 0 waits for the step's collective. Both are
+  alive (no heartbeat fails), so only the watchdog can end them: both exit with its status."""
+  port = _free_port()
+  overrides = {
+    **OVERRIDES,
+    "train.num_steps": 100,
+    "train.log_every_steps": 100,
+    "eval.every_steps": 100,
+    "checkpoint.every_steps": 100,
+    "train.stall_timeout_s": 8,
+  }
+  stall = {watchdog.STALL_INJECTION_ENV: "5:600"}
+  procs = [_spawn(tmp_path, overrides, i, port, env=stall if i else None) for i in range(2)]
+  start = time.monotonic()
+  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [watchdog.STALL_EXIT_CODE] * 2, outputs[0][-3000:]
+  assert time.monotonic() - start < 200
+  # Process 0 waits for the step process 1 never joins: in the window or in the next dispatch.
+  assert re.search(r"in stage '(collective wait|step dispatch)'", outputs[0]), outputs[0][-3000:]
+  assert "in stage 'input'" in outputs[1], outputs[1][-3000:]
+  assert all("Watchdog: thread MainThread" in output for output in outputs)
+  assert "in next_batch" in outputs[1]  # The stalled process's stack shows where it is.
+
+
+def test_launcher_kills_what_ignores_sigterm(tmp_path):
+  """Both processes stall in their input stage, where SIGTERM (taken by JAX's preemption
+  notifier) cannot stop them; after the grace period the launcher SIGKILLs them."""
+  workdir = tmp_path / "stuck"
+  launcher = subprocess.Popen(
+    [
+      LAUNCHER,
+      "--num_processes=2",
+      "--devices_per_process=2",
+      "--grace_seconds=5",
+      "--",
+      "--config=configs/digits_cnn.py:smoke",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100",
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env={**os.environ, "PYTHON": sys.executable, watchdog.STALL_INJECTION_ENV: "3:600"},
+  )
+  try:
+    _wait_for(launcher, "Injected stall")
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=120)[0]
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode != 0
+  assert "still running 5s after SIGTERM; sending SIGKILL" in output, output[-3000:]
+  deadline = time.monotonic() + 30
+  while _processes_with(str(workdir)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not _processes_with(str(workdir))
+
+
+def _processes_with(text: str) -> list[int]:
+  """Pids of processes whose command line contains `text`."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if text.encode() in f.read():
+          found.append(int(pid))
+    except OSError:
+      continue
+  return found
 
 
 def test_cluster_detection_and_flags():

@@ -59,6 +59,13 @@ def slurm_local_device_ids(environ=os.environ) -> list[int] | None:
   return list(range(int(gpus)))
 
 
+def single_task_cluster(environ=os.environ) -> str | None:
+  """ "SLURM" when this is a SLURM job (or step) of one task, which needs no jax.distributed."""
+  if "SLURM_JOB_ID" in environ and detected_cluster(environ) is None:
+    return "SLURM"
+  return None
+
+
 def should_initialize(options: DistributedOptions, environ=os.environ) -> bool:
   if options.enabled is not None:
     return options.enabled
@@ -72,6 +79,15 @@ def initialize(options: DistributedOptions, environ=os.environ) -> bool:
   Must run before anything touches a JAX device. Raises ConfigError for half-given flags.
   """
   if not should_initialize(options, environ):
+    seen = single_task_cluster(environ)
+    if seen:
+      logging.info(
+        "%s job %s with one task (SLURM_NTASKS=%s): one process, jax.distributed not started",
+        seen,
+        environ.get("SLURM_JOB_ID"),
+        environ.get("SLURM_NTASKS", "unset"),
+      )
+    log_resolved(seen or "none", coordinator=None)
     return False
   explicit = {
     "--coordinator_address": options.coordinator_address,
@@ -88,9 +104,11 @@ def initialize(options: DistributedOptions, environ=os.environ) -> bool:
     )
   # CPU devices exchange data across processes through gloo (accelerators use their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Without all three flags, JAX's own cluster detection fills in what they leave out.
+  kind = "explicit flags" if len(given) == 3 else cluster or "JAX cluster auto-detection"
   logging.info(
-    "Initializing jax.distributed (%s): coordinator=%s num_processes=%s process_id=%s",
-    cluster or "explicit flags",
+    "Initializing jax.distributed (%s): flags coordinator=%s num_processes=%s process_id=%s",
+    kind,
     options.coordinator_address,
     options.num_processes,
     options.process_id,
@@ -103,4 +121,28 @@ def initialize(options: DistributedOptions, environ=os.environ) -> bool:
     initialization_timeout=options.initialization_timeout_seconds,
     heartbeat_timeout_seconds=options.heartbeat_timeout_seconds,
   )
+  log_resolved(kind, coordinator=_coordinator_in_use() or options.coordinator_address)
   return True
+
+
+def _coordinator_in_use() -> str | None:
+  """The coordinator address jax.distributed resolved (from the flags or the cluster's
+  variables, e.g. SLURM's first node and a port from the job id); JAX keeps it only in its
+  private global state."""
+  from jax._src import distributed as jax_distributed
+
+  return getattr(jax_distributed.global_state, "coordinator_address", None)
+
+
+def log_resolved(kind: str, *, coordinator: str | None) -> None:
+  """One line saying what the cluster detection resolved. Starts JAX's backend."""
+  logging.info(
+    "Cluster: %s | process %d of %d | coordinator %s | %d local / %d global devices (%s)",
+    kind,
+    jax.process_index(),
+    jax.process_count(),
+    coordinator or "none",
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )

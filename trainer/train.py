@@ -21,7 +21,16 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from trainer import checkpointing, manifest, partitioning, perf, steps, tasks, tracking
+from trainer import (
+  checkpointing,
+  manifest,
+  partitioning,
+  perf,
+  steps,
+  tasks,
+  tracking,
+  watchdog,
+)
 from trainer.data import pipeline as input_pipeline
 from trainer.data.sources import Dataset, load_dataset
 from trainer.errors import ConfigError
@@ -295,14 +304,18 @@ def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
   """The task's metrics over the eval split: every example exactly once, or the first
   `config.eval.max_batches` batches when that is set."""
   totals = None
-  for batch in input_pipeline.eval_batches(
-    experiment.dataset.eval,
-    global_batch_size=experiment.config.eval.global_batch_size,
-    sharding=experiment.batch_sharding,
-    max_batches=experiment.config.eval.max_batches,
+  in_flight = watchdog.InFlightWindow(2)  # Each batch is several executions per device.
+  for index, batch in enumerate(
+    input_pipeline.eval_batches(
+      experiment.dataset.eval,
+      global_batch_size=experiment.config.eval.global_batch_size,
+      sharding=experiment.batch_sharding,
+      max_batches=experiment.config.eval.max_batches,
+    )
   ):
     sums = experiment.eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    in_flight.push(index, totals)
   metrics = experiment.task.metrics(jax.device_get(totals))
   return {f"eval/{name}": float(value) for name, value in metrics.items()}
 
@@ -365,6 +378,7 @@ class _TrainLoop:
     self.logged_losses: dict[int, float] = {}
     self.eval_metrics: dict[str, float] = {}
     self.eval_seconds = 0.0
+    self.watchdog = watchdog.StepWatchdog.from_config(self.config.train)
     is_lm = experiment.dataset.kind == "language_model"
     self.perf_args = dict(
       global_batch=self.config.train.global_batch_size,
@@ -381,10 +395,13 @@ class _TrainLoop:
     step = self.start_step
     loop_start = time.perf_counter()
     stopped_early = preempted = False
-    with PreemptionWatcher() as preemption:
+    with PreemptionWatcher() as preemption, self.watchdog as progress:
       while step < num_steps:
-        state, metrics = self.experiment.train_step(state, next(data_iterator))
+        batch = progress.next_batch(data_iterator, step + 1)
+        with progress.stage("compile" if step == self.start_step else "step dispatch"):
+          state, metrics = self.experiment.train_step(state, batch)
         step += 1
+        progress.dispatched(step, metrics)  # Bounds the steps in flight (trainer/watchdog.py).
         self.step_metrics.append(step, metrics)
         if step == self.start_step + 1:
           # The first step compiled; time the steady state from here.
@@ -397,19 +414,24 @@ class _TrainLoop:
           self._log_train(step)
         evaluated = step % self.config.eval.every_steps == 0 or is_last
         if evaluated:
-          stopped_early = self._evaluate(step, state)
-        preempted = preemption.should_stop(step)
+          with progress.stage("eval"):
+            stopped_early = self._evaluate(step, state)
+        with progress.stage("preemption sync"):
+          preempted = preemption.should_stop(step)
         stop = is_last or stopped_early or preempted
         if stop or evaluated or step % self.config.checkpoint.every_steps == 0:
-          self._maybe_save(step, state, data_iterator, evaluated=evaluated, force=stop)
+          with progress.stage("checkpoint"):
+            self._maybe_save(step, state, data_iterator, evaluated=evaluated, force=stop)
         if stop:
           break
 
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - loop_start - self.eval_seconds
-    steps_timed = step - self.start_step - 1
-    if self.checkpointer:
-      self.checkpointer.wait_until_finished()
+      progress.drain()
+      jax.block_until_ready(state)
+      seconds = time.perf_counter() - loop_start - self.eval_seconds
+      steps_timed = step - self.start_step - 1
+      if self.checkpointer:
+        with progress.stage("checkpoint"):
+          self.checkpointer.wait_until_finished()
     if not self.eval_metrics:  # The workdir's run had already finished: report its final state.
       self.eval_metrics = evaluate(self.experiment, state)
     self.writer.flush()
