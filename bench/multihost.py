@@ -12,12 +12,16 @@ Part 1: steps/s of `python -m trainer.main` for `--num_steps` steps (logging eve
 `--log_every_steps`, eval and checkpoint only at the end), read from process 0's TensorBoard
 `perf/steps_per_sec` events: the steps of all logged intervals over their time (compilation
 excluded: the trainer's rate starts after the first step), on each mesh of `--meshes`: `fsdp`
-(data=2 x fsdp=4: parameters sharded, gathered for every layer; the mesh of
-tests/test_multihost.py) and `data` (data=8: parameters replicated, one gradient all-reduce a
-step). Layouts alternate, `--repeats` runs each. On `data`, 2 processes x 4 devices deadlocked
-(every process waiting inside an XLA execute) in most runs on the 2-core machine of
-docs/benchmarks.md, with this trainer and the one before it, so it is not in the default; a run
-that outlives `--timeout_s` is killed and fails the benchmark.
+(data=2 x fsdp=rest: parameters sharded, gathered for every layer; the mesh of
+tests/test_multihost.py) and `data` (data=all: parameters replicated, one gradient all-reduce a
+step), for each of `--layouts` (the first is the baseline). Layouts alternate, `--repeats` runs
+each. A run that outlives `--timeout_s` is killed and fails the benchmark. (Before the trainer
+bounded its steps in flight, 2 processes x 4 devices deadlocked on `data` in most runs:
+docs/cpu_collective_deadlock.md.) Issue 16's row, the default config on 4 devices:
+
+  .venv/bin/python bench/multihost.py --config=configs/digits_cnn.py --layouts=1x4,2x2 \
+      --meshes=data --num_steps=1500 --log_every_steps=100 --repeats=1 --skip_checkpoints \
+      --timeout_s=900
 
 Part 2: checkpoints on the fsdp mesh. This script, as a worker in each layout, builds the same
 experiment and `--ckpt_repeats` times runs a train step, then times `Checkpointer.save` (async, as
@@ -53,6 +57,11 @@ CONFIG = "configs/digits_cnn.py:smoke"
 LAYOUTS = ((1, 8), (2, 4))
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: fewer steps, one repeat.")
+_CONFIG = flags.DEFINE_string("config", CONFIG, "Trainer config of part 1.")
+_LAYOUTS = flags.DEFINE_list(
+  "layouts", ["1x8", "2x4"], "Part 1 layouts, PROCESSESxDEVICES; the first is the baseline."
+)
+_SKIP_CHECKPOINTS = flags.DEFINE_bool("skip_checkpoints", False, "Run part 1 only.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 200, "Train steps per run (part 1).")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", 50, "Logging interval (part 1).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each layout on each mesh (part 1).")
@@ -72,8 +81,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "(internal) for --worker.")
 
 # Mesh name -> config overrides; both use all 8 devices.
 MESHES = {
-  "fsdp": {"mesh.data": 2, "mesh.fsdp": 4},
-  "data": {"mesh.data": 8, "mesh.fsdp": 1},
+  "fsdp": {"mesh.data": 2, "mesh.fsdp": -1},
+  "data": {"mesh.data": -1, "mesh.fsdp": 1},
 }
 
 
@@ -83,6 +92,14 @@ class CheckpointTiming:
   save_total_ms: list[float]
   restore_ms: list[float]
   checkpoint_bytes: int
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+  """`"2x4"` -> (2 processes, 4 devices each)."""
+  processes, _, devices = text.partition("x")
+  if not (processes.isdigit() and devices.isdigit()):
+    raise app.UsageError(f"layout {text!r} is not PROCESSESxDEVICES, e.g. 2x4")
+  return int(processes), int(devices)
 
 
 def layout_name(layout: tuple[int, int]) -> str:
@@ -156,7 +173,7 @@ def run_training(
     "eval.every_steps": num_steps,
     "checkpoint.every_steps": num_steps,
   }
-  trainer_args = [f"--config={CONFIG}", f"--workdir={workdir}"] + [
+  trainer_args = [f"--config={_CONFIG.value}", f"--workdir={workdir}"] + [
     f"--config.{key}={value}" for key, value in overrides.items()
   ]
   if processes == 1:
@@ -283,8 +300,9 @@ def run_checkpoint_worker(layout: tuple[int, int], workdir: str, repeats: int) -
 
 
 def report_training(rates: dict[str, dict[tuple[int, int], list[float]]], num_steps: int) -> str:
-  """One table row per mesh and layout; `rates[mesh][layout]` are the runs' steps/s."""
-  single, multi = LAYOUTS
+  """One table row per mesh and layout; `rates[mesh][layout]` are the runs' steps/s, the first
+  layout is the baseline of the ratios."""
+  single, *others = next(iter(rates.values()))
   rows, ratios = [], []
   for mesh, by_layout in rates.items():
     medians = {layout: statistics.median(values) for layout, values in by_layout.items()}
@@ -300,14 +318,15 @@ def report_training(rates: dict[str, dict[tuple[int, int], list[float]]], num_st
           ", ".join(f"{v:.1f}" for v in values),
         ]
       )
-    ratios.append(
+    ratios += [
       f"{mesh}: {layout_name(multi)} / {layout_name(single)} = "
       f"{medians[multi] / medians[single]:.3f}"
-    )
+      for multi in others
+    ]
   repeats = len(next(iter(rates.values()))[single])
   return "\n".join(
     [
-      f"Part 1: {CONFIG} (global batch 32), {num_steps} steps per run, {repeats} runs of each "
+      f"Part 1: {_CONFIG.value}, {num_steps} steps per run, {repeats} runs of each "
       "layout on each mesh, alternating; steps/s after the first step",
       "",
       harness.table(
@@ -379,16 +398,17 @@ def main(argv: list[str]) -> None:
   unknown = set(meshes) - set(MESHES)
   if unknown:
     raise app.UsageError(f"unknown meshes {sorted(unknown)}; choose from {sorted(MESHES)}")
+  layouts = [parse_layout(text) for text in _LAYOUTS.value]
   harness.quiet_logs()
 
   tmp_root = tempfile.mkdtemp(prefix="multihost_", dir=_TMP_ROOT.value)
   wall_start = time.perf_counter()
   load_before = harness.load_average()
   try:
-    rates = {mesh: {layout: [] for layout in LAYOUTS} for mesh in meshes}
+    rates = {mesh: {layout: [] for layout in layouts} for mesh in meshes}
     for repeat in range(repeats):
       for mesh in meshes:
-        for layout in LAYOUTS:
+        for layout in layouts:
           workdir = tempfile.mkdtemp(prefix="train_", dir=tmp_root)
           rates[mesh][layout].append(run_training(layout, mesh, workdir, num_steps, log_every))
           shutil.rmtree(workdir, ignore_errors=True)
@@ -399,7 +419,7 @@ def main(argv: list[str]) -> None:
           flush=True,
         )
     timings = {}
-    for layout in LAYOUTS:
+    for layout in [] if _SKIP_CHECKPOINTS.value else LAYOUTS:
       workdir = tempfile.mkdtemp(prefix="ckpt_", dir=tmp_root)
       timings[layout] = run_checkpoint_worker(layout, workdir, ckpt_repeats)
       print(f"{layout_name(layout)}: checkpoints timed", flush=True)
@@ -410,8 +430,9 @@ def main(argv: list[str]) -> None:
   harness.print_run_header(load_before, devices=False)
   print()
   print(report_training(rates, num_steps))
-  print()
-  print(report_checkpoints(timings))
+  if timings:
+    print()
+    print(report_checkpoints(timings))
   print(f"\ntotal benchmark time: {time.perf_counter() - wall_start:.0f} s")
 
 

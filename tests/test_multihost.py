@@ -437,3 +437,41 @@ def test_launcher_rejects_bad_arguments(args, message):
   proc = subprocess.run([LAUNCHER, *args], capture_output=True, text=True, timeout=30)
   assert proc.returncode == 2
   assert message in proc.stderr
+
+
+# The default config's `cnn` (not the smoke `cnn_tiny`), with the host free to run ahead: logs,
+# evals and checkpoints only at the end. Before the trainer bounded its steps in flight, this
+# aborted (one process) or hung (two) before step 200 on 2 cores in every run
+# (docs/cpu_collective_deadlock.md); the full 1,500-step runs are bench/full_mesh_runs.sh.
+def _run_ahead(num_steps):
+  keys = ("train.num_steps", "train.log_every_steps", "eval.every_steps", "checkpoint.every_steps")
+  return dict.fromkeys(keys, num_steps)
+
+
+def test_default_config_on_eight_devices_in_one_process_does_not_deadlock(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "trainer.main",
+      "--config=configs/digits_cnn.py",
+      f"--workdir={tmp_path}",
+      "--config.mesh.data=2",
+      "--config.mesh.fsdp=4",
+      *_flags(_run_ahead(300)),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "training done at step 300" in proc.stdout
+
+
+def test_default_config_in_two_processes_of_two_devices_does_not_hang(tmp_path):
+  proc = _launch(
+    tmp_path, _run_ahead(200), devices_per_process=2, config="configs/digits_cnn.py", timeout=400
+  )
+  assert "training done at step 200" in proc.stdout
