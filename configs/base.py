@@ -7,6 +7,7 @@ fails at the command line.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import ml_collections
@@ -185,8 +186,10 @@ def parse_config_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = token.partition("=")
     key, value = key.strip(), value.strip()
     if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
       raise ConfigError(
-        f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
+        f"unknown config argument {key!r} in {arg!r}; {hint}valid arguments: {sorted(defaults)}"
       )
     if isinstance(defaults[key], bool) and sep:
       if value.lower() not in _TRUE_WORDS + _FALSE_WORDS:

@@ -42,6 +42,9 @@ class PreemptionWatcher:
     # handlers from the main thread.
     if not self._multi_process and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    if threading.current_thread() is threading.main_thread():
+      # trainer.main blocks SIGTERM until now, so one sent during setup is delivered here.
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     return self
 
   def __exit__(self, *exc) -> None:

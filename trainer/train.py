@@ -21,6 +21,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 import models
+from configs import schema
 from trainer import (
   checkpointing,
   manifest,
@@ -102,6 +103,7 @@ def build_experiment(
 
   Raises ConfigError naming the offending field for any unusable setting.
   """
+  schema.validate(config)
   mesh = partitioning.create_mesh(config.mesh, devices)
   data_parallel = partitioning.data_parallel_size(mesh)
   input_pipeline.per_process_batch_size(
@@ -180,17 +182,7 @@ def build_experiment(
 
 
 def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int) -> None:
-  positive = {
-    "config.train.num_steps": config.train.num_steps,
-    "config.train.log_every_steps": config.train.log_every_steps,
-    "config.eval.every_steps": config.eval.every_steps,
-    "config.checkpoint.every_steps": config.checkpoint.every_steps,
-    "config.checkpoint.keep_last": config.checkpoint.keep_last,
-    "config.optim.grad_accum_steps": config.optim.grad_accum_steps,
-  }
-  for name, value in positive.items():
-    if value < 1:
-      raise ConfigError(f"{name}={value} must be >= 1")
+  """What configs/schema.py cannot check alone: grad_accum_steps against the device batch."""
   local_rows = config.train.global_batch_size // data_parallel
   if local_rows % config.optim.grad_accum_steps:
     raise ConfigError(
@@ -198,10 +190,6 @@ def _validate_loop_config(config: ml_collections.ConfigDict, data_parallel: int)
       f"{local_rows} rows each data-parallel device gets per step (global batch "
       f"{config.train.global_batch_size} / data-parallel size {data_parallel})"
     )
-  if config.eval.best_mode not in ("max", "min"):
-    raise ConfigError(f"config.eval.best_mode={config.eval.best_mode!r}; choose 'max' or 'min'")
-  if not 0 <= config.optim.ema_decay < 1:
-    raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1)")
 
 
 def _validate_eval_metric(config: ml_collections.ConfigDict, task: tasks.Task) -> None:

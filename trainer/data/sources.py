@@ -187,23 +187,22 @@ def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
   splits = {}
   for split in ("train", "eval"):
     paths = _resolve_paths(config, split)
-    inputs, labels = [], []
-    for path in paths:
-      try:
-        with np.load(path) as arrays:
-          for key in (config.inputs_key, config.labels_key):
-            if key not in arrays.files:
-              raise ConfigError(
-                f"{path} has no array {key!r}; its arrays are {sorted(arrays.files)}. Set "
-                "config.data.inputs_key / config.data.labels_key to the right names"
-              )
-          inputs.append(arrays[config.inputs_key])
-          labels.append(arrays[config.labels_key])
-      except ConfigError:
-        raise
-      except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path} as .npz: {e}") from e
-    splits[split] = (ArraySource(np.concatenate(inputs), np.concatenate(labels)), paths)
+    arrays = [_read_npz(path, config) for path in paths]
+    for path, (inputs, _) in zip(paths[1:], arrays[1:], strict=True):
+      if inputs.shape[1:] != arrays[0][0].shape[1:]:
+        raise ConfigError(
+          f"{path} holds examples of shape {inputs.shape[1:]} but {paths[0]} of shape "
+          f"{arrays[0][0].shape[1:]}; every file of config.data.{split}_path needs the same shape"
+        )
+    inputs = np.concatenate([x for x, _ in arrays])
+    labels = np.concatenate([y for _, y in arrays])
+    splits[split] = (ArraySource(inputs, labels), paths)
+  train_shape, eval_shape = splits["train"][0].inputs.shape[1:], splits["eval"][0].inputs.shape[1:]
+  if train_shape != eval_shape:
+    raise ConfigError(
+      f"config.data.train_path holds examples of shape {train_shape} but config.data.eval_path "
+      f"of shape {eval_shape}; both splits need the same shape"
+    )
   (train, train_paths), (evaluation, eval_paths) = splits["train"], splits["eval"]
   num_classes = config.num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
   return Dataset(
@@ -217,6 +216,49 @@ def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
   )
 
 
+def _read_npz(path: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, labels) of one .npz file, checked; ConfigError naming the file for any problem."""
+  try:
+    arrays = np.load(path)
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+      raise ConfigError(f"{path} is a single .npy array, not an .npz archive; save with np.savez")
+    with arrays:
+      for key in (config.inputs_key, config.labels_key):
+        if key not in arrays.files:
+          raise ConfigError(
+            f"{path} has no array {key!r}; its arrays are {sorted(arrays.files)}. Set "
+            "config.data.inputs_key / config.data.labels_key to the right names"
+          )
+      inputs, labels = arrays[config.inputs_key], arrays[config.labels_key]
+  except ConfigError:
+    raise
+  except Exception as e:  # numpy and zipfile raise many kinds for a damaged or truncated file.
+    raise ConfigError(
+      f"cannot read {path} as .npz ({type(e).__name__}: {e}); check that the file is complete "
+      "and was written by np.savez"
+    ) from e
+  if inputs.ndim < 2 or labels.ndim != 1 or len(inputs) != len(labels) or not len(labels):
+    raise ConfigError(
+      f"{path}: {config.inputs_key!r} has shape {inputs.shape} and {config.labels_key!r} "
+      f"{labels.shape}; need (examples, ...) inputs and (examples,) labels, same non-zero count"
+    )
+  if not np.issubdtype(inputs.dtype, np.number):
+    raise ConfigError(
+      f"{path}: inputs {config.inputs_key!r} have dtype {inputs.dtype}, not numbers"
+    )
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise ConfigError(
+      f"{path}: labels {config.labels_key!r} must be integers >= 0 (class ids), got dtype "
+      f"{labels.dtype} with minimum {labels.min()}"
+    )
+  if config.num_classes and labels.max() >= config.num_classes:
+    raise ConfigError(
+      f"{path}: label {labels.max()} >= config.data.num_classes={config.num_classes}; raise "
+      "num_classes or set it to 0 to infer it"
+    )
+  return inputs, labels
+
+
 def _load_array_record(config: ml_collections.ConfigDict) -> Dataset:
   if config.num_classes < 2:
     raise ConfigError(
@@ -226,9 +268,14 @@ def _load_array_record(config: ml_collections.ConfigDict) -> Dataset:
   train_paths, eval_paths = _resolve_paths(config, "train"), _resolve_paths(config, "eval")
   try:
     train, evaluation = ArrayRecordSource(train_paths), ArrayRecordSource(eval_paths)
-    first = train[0]
+    first, first_eval = train[0], evaluation[0]
   except Exception as e:  # array_record raises bare RuntimeErrors/ValueErrors on bad files.
     raise ConfigError(f"cannot read ArrayRecord files {train_paths + eval_paths}: {e}") from e
+  if first["inputs"].shape != first_eval["inputs"].shape:
+    raise ConfigError(
+      f"config.data.train_path holds examples of shape {first['inputs'].shape} but "
+      f"config.data.eval_path of shape {first_eval['inputs'].shape}; both need the same shape"
+    )
   return Dataset(
     train=train,
     eval=evaluation,
