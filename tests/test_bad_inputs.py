@@ -509,3 +509,35 @@ def test_cli_read_only_workdir():
   finally:
     os.chmod(os.path.join(home, "readonly"), 0o755)
     shutil.rmtree(home)
+
+
+def test_good_override_forms_parse_by_field_type():
+  """The forms the README documents, so that the checks above are not all the parser knows."""
+  from trainer import config_loading
+
+  argv = [
+    "prog",
+    "--config=configs/digits_cnn.py",
+    "--config.mesh.data",
+    "-1",
+    "--config.optim.learning_rate=1e-2",
+    "--config.train.num_steps",
+    "1e3",
+    "--noconfig.data.shuffle",
+    "--config.checkpoint.async_save",
+    "--config.data.synthetic_input_shape=(4, 4, 3)",
+    "--config.data.mean=0.5",
+    "--workdir=/tmp/x",
+  ]
+  rest, overrides = config_loading.split_overrides(argv)
+  assert rest == ["prog", "--config=configs/digits_cnn.py", "--workdir=/tmp/x"]
+  config = config_loading.load_config(f"{REPO}/configs/digits_cnn.py")
+  config.checkpoint.async_save = False
+  config_loading.apply_overrides(config, overrides)
+  assert config.mesh.data == -1
+  assert config.optim.learning_rate == 0.01
+  assert config.train.num_steps == 1000 and isinstance(config.train.num_steps, int)
+  assert config.data.shuffle is False and config.checkpoint.async_save is True
+  assert config.data.synthetic_input_shape == (4, 4, 3)
+  assert config.data.mean == 0.5  # A placeholder(float) field, None by default.
+  schema.validate(config)

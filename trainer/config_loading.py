@@ -31,8 +31,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """(argv without the config overrides, the overrides in order); argv[0] is the program.
 
   `--config.a.b=V`, `--config.a.b V` (a separate value) and the bool forms `--config.a.b` /
-  `--noconfig.a.b` are overrides; a following word that does not start with `-` is taken as
-  the value of a bare `--config.a.b`.
+  `--noconfig.a.b` are overrides; a following word that does not start with `--` is taken as
+  the value of a bare `--config.a.b` (so `--config.mesh.data -1` works).
   """
   rest, overrides = [], []
   args = list(argv)
@@ -40,7 +40,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   while i < len(args):
     arg = args[i]
     if arg.startswith((_PREFIX, _NEGATED_PREFIX)):
-      if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("-"):
+      if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
         arg = f"{arg}={args[i + 1]}"
         i += 1
       overrides.append(arg)

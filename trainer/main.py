@@ -75,6 +75,8 @@ def parse_command_line(argv: Sequence[str]) -> Command:
     positional = flags.FLAGS(rest)
   except flags.Error as e:
     raise ConfigError(f"{e}; see --helpfull") from e
+  if flags.FLAGS["verbosity"].using_default_value:
+    flags.FLAGS.verbosity = 0  # INFO, as absl.app.run sets it after its own parse.
   if len(positional) > 1:
     raise ConfigError(f"unexpected arguments {positional[1:]}; every argument is a --flag")
   if _CONFIG.value is None:

@@ -92,7 +92,9 @@ class StepMetrics:
   non-finite values, naming the first bad step.
   """
 
-  def __init__(self):
+  def __init__(self, at_last_step: tuple[str, ...] = ()):
+    # Metrics summarized by their value at the interval's last step (computed only there).
+    self._at_last_step = at_last_step
     self._steps: list[int] = []
     self._on_device: list[dict] = []
     # Metrics of steps already read back and checked: name -> (steps,) array.
@@ -125,9 +127,12 @@ class StepMetrics:
       )
 
   def summarize(self) -> dict[str, float]:
-    """Means over the pending steps, then clears them; raises NonFiniteError like check_finite."""
+    """Means over the pending steps (`at_last_step` metrics: the last step's value), then clears
+    them; raises NonFiniteError like check_finite."""
     self.check_finite()
-    means = {k: float(np.mean(v)) for k, v in self._on_host.items()}
+    means = {
+      k: float(v[-1] if k in self._at_last_step else np.mean(v)) for k, v in self._on_host.items()
+    }
     self._steps, self._on_host = [], {}
     return means
 
@@ -140,20 +145,26 @@ class ProgressLogger:
     self._last_step, self._last_time = first_step, time.perf_counter()
 
   def steps_per_sec(self, step: int) -> float:
-    """Rate since the previous call; resets the interval."""
+    """Rate since the previous call, which it resets; NaN when no step ran since then (the
+    first step after a (re)start that is also a logging step: its rate is not known yet)."""
     now = time.perf_counter()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    steps = step - self._last_step
+    rate = steps / max(now - self._last_time, 1e-9) if steps > 0 else math.nan
     self._last_step, self._last_time = step, now
     return rate
 
   def log(self, step: int, loss: float, steps_per_sec: float) -> None:
-    eta = datetime.timedelta(seconds=round((self._total - step) / max(steps_per_sec, 1e-9)))
+    if math.isfinite(steps_per_sec) and steps_per_sec > 0:
+      rate = f"{steps_per_sec:.1f} steps/s"
+      eta = str(datetime.timedelta(seconds=round((self._total - step) / steps_per_sec)))
+    else:
+      rate, eta = "rate pending", "unknown"
     logging.info(
-      "step %d/%d (%d%%) | loss %.4f | %.1f steps/s | ETA %s",
+      "step %d/%d (%d%%) | loss %.4f | %s | ETA %s",
       step,
       self._total,
       100 * step // self._total,
       loss,
-      steps_per_sec,
+      rate,
       eta,
     )
