@@ -163,6 +163,7 @@ _MESH_AXIS = integer(min=1, also=-1)
 
 RULES: dict[str, Rule] = {
   "seed": integer(min=0),
+  "description": text(),
   # data
   "data.name": choice("digits", "synthetic", "npz", "array_record", "text"),
   "data.train_path": text(),  # Opened and checked by trainer.data.sources.
@@ -229,6 +230,13 @@ RULES: dict[str, Rule] = {
   "checkpoint.async_save": boolean(),
   # perf
   "perf.peak_tflops": real(0, meaning="0 looks the device up"),
+  # tracking (trainer/tracking.py)
+  "tracking.enabled": boolean(),
+  "tracking.uri": text(),
+  "tracking.experiment": text(nonempty=True),
+  "tracking.artifact_location": text(),
+  "tracking.flush_timeout_s": real(0),
+  "tracking.report": boolean(),
 }
 
 
