@@ -214,6 +214,8 @@ RULES: dict[str, Rule] = {
   "train.num_steps": _STEPS,
   "train.global_batch_size": integer(min=1),
   "train.log_every_steps": _STEPS,
+  "train.stall_timeout_s": real(0, meaning="0 derives it from the step time"),
+  "train.stall_floor_s": real(0, min_open=True),
   # eval
   "eval.every_steps": _STEPS,
   "eval.global_batch_size": integer(min=1),
