@@ -89,6 +89,7 @@ def export(
     set_method_names(tmp_path, {s.name: s.method_name for s in signature_list})
     errors = parity.check(tmp_path, model.variables, signature_list, dtype=model.config.model.dtype)
     _write_assets(tmp_path, model, signature_list, workdir, platforms, errors)
+    _write_profile(tmp_path, final_path)
     os.rename(tmp_path, final_path)  # Atomic on one filesystem: servers never see half a model.
   except BaseException:
     shutil.rmtree(tmp_path, ignore_errors=True)
@@ -244,6 +245,18 @@ def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -
   }
   with open(os.path.join(extra, "manifest.json"), "w") as f:
     json.dump(export_manifest, f, indent=2, sort_keys=True, default=str)
+
+
+def _write_profile(tmp_path: str, final_path: str) -> None:
+  """`assets.extra/profile.json`, the monitor's reference (mlops/profile.py has the schema)."""
+  from mlops import profile, profile_export
+
+  try:
+    profile_export.write_profile(tmp_path)
+  except profile.ProfileError as e:
+    logging.warning(
+      "No reference profile: %s. Add one later with: %s", e, profile.add_profile_command(final_path)
+    )
 
 
 def _write_warmup_requests(path: str, signature_list) -> None:

@@ -1,0 +1,453 @@
+"""Prediction logs: TFRecord files of TF Serving's `PredictionLog` proto -> arrays, and back.
+
+The format (what the model server's log writer must produce, issue #13; the same files TF Serving
+replays as `assets.extra/tf_serving_warmup_requests`):
+
+* A file is a TFRecord file; each record is one serialized `tensorflow.serving.PredictionLog`
+  with `predict_log` set: the `PredictRequest` as received and the `PredictResponse` as sent.
+* `log_metadata.model_spec` (and the response's `model_spec`, as TF Serving answers): `name`,
+  `version` (the version that served the request; on an error the one it was routed to, or
+  unset) and `signature_name`. The request's `model_spec` is the client's (a version, a label or
+  neither). `ModelSpec` holds a version or a label, never both (a oneof), so the label that
+  routed the request (named by the client or chosen by the traffic policy) travels below.
+  `log_metadata.timestamp_secs`: the request's start, whole seconds.
+* What `LogMetadata` has no field for travels in the logged response, under the reserved output
+  key `__log_metadata__` (`METADATA_KEY`): a scalar DT_STRING tensor (`string_val[0]`) holding
+  UTF-8 JSON with these keys (`METADATA_FIELDS`):
+    - `request_id` (str): the client's `x-request-id` or the one the server made;
+    - `version_label` (str or null): the label that routed the request;
+    - `time_us` (int): the request's start, microseconds since the epoch (UTC);
+    - `arm` (str or null): the traffic-split arm, null when no split applied;
+    - `latency_us` (int): time from receipt to response;
+    - `status_code` (int): the gRPC status code answered (0 = OK; an error record's response has
+      no other outputs);
+    - `format` (int): `FORMAT_VERSION` of this encoding.
+  Replay tools use the request only, and output keys starting with `__` are never a model's, so
+  the extra tensor breaks nothing that reads TF Serving's logs.
+* Files may be rotated and named freely (`filename_prefix` + a suffix); `read_logs` reads every
+  regular file in the directory, oldest name first. A writer killed mid-record (SIGKILL) leaves a
+  torn last record: the reader skips it and counts it (`torn_records`).
+
+The reader is pure Python over the TFRecord framing (8-byte length, its masked CRC-32C, payload,
+payload CRC): lengths and their CRCs are checked; payload CRCs are not (no CRC-32C library is
+locked, and a Python loop per byte would be the reader's whole cost), a torn payload shows as a
+short read or a proto that does not parse.
+
+Feedback (ground truth) joins by request id: a CSV or JSONL file with `request_id` and `label`
+(and `row` for requests of several rows; default 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import struct
+
+import numpy as np
+from absl import logging
+
+METADATA_KEY = "__log_metadata__"
+METADATA_FIELDS = ("request_id", "version_label", "time_us", "arm", "latency_us", "status_code", "format")
+FORMAT_VERSION = 1
+_HEADER_BYTES = 12  # uint64 length + uint32 masked CRC-32C of the length
+_FOOTER_BYTES = 4  # uint32 masked CRC-32C of the payload
+
+
+def _crc32c_table() -> tuple[int, ...]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return tuple(table)
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC-32C (Castagnoli) of `data` (pure Python: for short headers)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordMetadata:
+  """Per-request metadata of one log record (see the module docstring)."""
+
+  request_id: str
+  time_us: int
+  model_name: str = ""
+  version: int = 0
+  version_label: str = ""
+  arm: str | None = None
+  latency_us: int = 0
+  status_code: int = 0
+
+
+@dataclasses.dataclass
+class Logs:
+  """Logged requests as arrays; one entry per example row (a request of n rows gives n rows).
+
+  Only successful records (status 0) whose inputs match the schema contribute rows; the others
+  are counted.
+  """
+
+  inputs: dict[str, np.ndarray]
+  outputs: dict[str, np.ndarray]
+  request_id: np.ndarray  # str, per row
+  row_in_request: np.ndarray  # int32: the row's index within its request
+  time_us: np.ndarray  # int64
+  model_name: np.ndarray  # str
+  version: np.ndarray  # int64
+  version_label: np.ndarray  # str
+  arm: np.ndarray  # str ('' when no split applied)
+  latency_us: np.ndarray  # int64
+  num_records: int = 0
+  torn_records: int = 0
+  # status code -> count of records that answered an error.
+  error_records: dict[int, int] = dataclasses.field(default_factory=dict)
+  # reason -> count of OK records whose inputs break the schema (training/serving skew).
+  schema_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Records of another model than the one asked for.
+  other_model_records: int = 0
+
+  def __len__(self) -> int:
+    return len(self.request_id)
+
+  def select(self, mask: np.ndarray) -> Logs:
+    """The rows where `mask` holds (counters stay those of the whole read)."""
+    per_row = {
+      f.name: getattr(self, f.name)[mask]
+      for f in dataclasses.fields(self)
+      if isinstance(getattr(self, f.name), np.ndarray)
+    }
+    return dataclasses.replace(
+      self,
+      inputs={k: v[mask] for k, v in self.inputs.items()},
+      outputs={k: v[mask] for k, v in self.outputs.items()},
+      **per_row,
+    )
+
+
+class LogError(ValueError):
+  """Logs that cannot be read as asked: no files, nothing readable, another model only."""
+
+
+def iter_records(path: str):
+  """Yields the payloads of the complete records of one TFRecord file; returns (via
+  StopIteration.value) the number of torn records at its end (0 or 1)."""
+  with open(path, "rb") as f:
+    while True:
+      header = f.read(_HEADER_BYTES)
+      if not header:
+        return 0
+      if len(header) < _HEADER_BYTES:
+        return 1
+      length_bytes, length_crc = header[:8], struct.unpack("<I", header[8:])[0]
+      if masked_crc32c(length_bytes) != length_crc:
+        logging.warning("%s: a record header fails its CRC; stopping there", path)
+        return 1
+      (length,) = struct.unpack("<Q", length_bytes)
+      payload = f.read(length)
+      footer = f.read(_FOOTER_BYTES)
+      if len(payload) < length or len(footer) < _FOOTER_BYTES:
+        return 1
+      yield payload
+
+
+def log_files(directory: str) -> list[str]:
+  """The regular files of a log directory, by name. Raises LogError if there are none."""
+  if not os.path.isdir(directory):
+    raise LogError(f"--logs={directory} is not a directory; give the prediction log directory")
+  files = sorted(
+    os.path.join(directory, name)
+    for name in os.listdir(directory)
+    if not name.startswith(".") and os.path.isfile(os.path.join(directory, name))
+  )
+  if not files:
+    raise LogError(f"--logs={directory} holds no log files")
+  return files
+
+
+def decode_metadata(log) -> RecordMetadata:
+  """The metadata of a parsed PredictionLog (defaults where a writer left fields out)."""
+  spec = log.log_metadata.model_spec
+  extra = {}
+  response = log.predict_log.response
+  if METADATA_KEY in response.outputs:
+    extra = json.loads(response.outputs[METADATA_KEY].string_val[0])
+  return RecordMetadata(
+    request_id=str(extra.get("request_id", "")),
+    time_us=int(extra.get("time_us", log.log_metadata.timestamp_secs * 1_000_000)),
+    model_name=spec.name,
+    version=spec.version.value,
+    version_label=extra.get("version_label") or log.predict_log.request.model_spec.version_label,
+    arm=extra.get("arm"),
+    latency_us=int(extra.get("latency_us", 0)),
+    status_code=int(extra.get("status_code", 0)),
+  )
+
+
+def _row_schema(arrays: dict[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+  return {k: (v.dtype.name, tuple(v.shape[1:])) for k, v in arrays.items()}
+
+
+def _schema_break(arrays, expected) -> str | None:
+  """Why a request's inputs do not fit `expected` ({name: (dtype, row shape)}), None if they do."""
+  if set(arrays) != set(expected):
+    return f"inputs {sorted(arrays)} instead of {sorted(expected)}"
+  for name, (dtype, shape) in expected.items():
+    value = arrays[name]
+    if value.ndim == 0:
+      return f"{name}: a scalar instead of a batch"
+    if value.dtype.name != dtype:
+      return f"{name}: dtype {value.dtype.name} instead of {dtype}"
+    # Variable-length dims (None / -1 in the schema) match any size.
+    got = tuple(value.shape[1:])
+    if len(got) != len(shape) or any(
+      s not in (None, -1) and s != g for s, g in zip(shape, got, strict=True)
+    ):
+      return f"{name}: row shape {list(got)} instead of {list(shape)}"
+  return None
+
+
+def read_logs(
+  directory: str,
+  *,
+  model_name: str | None = None,
+  input_schema: dict[str, tuple[str, tuple[int | None, ...]]] | None = None,
+) -> Logs:
+  """Reads every log file in `directory` into per-row arrays.
+
+  `model_name`: keep only records of that model (others are counted). `input_schema`: the
+  expected inputs, {name: (numpy dtype name, per-row shape)}; records that differ are counted
+  as schema breaks. Without it the first OK record's inputs define the schema.
+  Raises LogError when the directory holds no files.
+  """
+  from tensorflow_serving.apis import prediction_log_pb2
+
+  from serving.server import tensors  # numpy-only TensorProto conversion (no TF on the fast path)
+
+  collected = _Collector(input_schema)
+  for path in log_files(directory):
+    records = iter_records(path)
+    while True:
+      try:
+        payload = next(records)
+      except StopIteration as done:
+        collected.torn += done.value or 0
+        break
+      collected.num_records += 1
+      try:
+        log = prediction_log_pb2.PredictionLog.FromString(payload)
+        meta = decode_metadata(log)
+      except Exception as e:
+        logging.warning("%s: an unreadable record (%s); skipped", path, e)
+        collected.torn += 1
+        continue
+      if model_name and meta.model_name and meta.model_name != model_name:
+        collected.other_model += 1
+        continue
+      if meta.status_code != 0:
+        collected.errors[meta.status_code] = collected.errors.get(meta.status_code, 0) + 1
+        continue
+      predict = log.predict_log
+      try:
+        inputs = {k: tensors.to_ndarray(v) for k, v in predict.request.inputs.items()}
+        outputs = {
+          k: tensors.to_ndarray(v) for k, v in predict.response.outputs.items() if k != METADATA_KEY
+        }
+      except ValueError as e:
+        collected.add_break(f"malformed tensor ({e})")
+        continue
+      collected.add(inputs, outputs, meta)
+  return collected.finish()
+
+
+class _Collector:
+  """Accumulates per-record arrays and counters; concatenates once at the end."""
+
+  def __init__(self, input_schema):
+    self.schema = input_schema
+    self.output_schema = None
+    self.parts_in: list[dict] = []
+    self.parts_out: list[dict] = []
+    self.meta: list[tuple[RecordMetadata, int]] = []
+    self.num_records = self.torn = self.other_model = 0
+    self.errors: dict[int, int] = {}
+    self.breaks: dict[str, int] = {}
+
+  def add_break(self, reason: str) -> None:
+    self.breaks[reason] = self.breaks.get(reason, 0) + 1
+
+  def add(self, inputs, outputs, meta: RecordMetadata) -> None:
+    if self.schema is None and inputs:
+      self.schema = _row_schema({k: v for k, v in inputs.items() if v.ndim})
+    reason = _schema_break(inputs, self.schema)
+    rows = {v.shape[0] for v in inputs.values()}
+    if reason is None and len(rows) != 1:
+      reason = f"inputs of different batch sizes {sorted(rows)}"
+    if reason is None:
+      if self.output_schema is None:
+        self.output_schema = _row_schema(outputs)
+      if _schema_break(outputs, self.output_schema) or any(
+        v.shape[0] != next(iter(rows)) for v in outputs.values()
+      ):
+        reason = "outputs do not match the other records' outputs"
+    if reason:
+      self.add_break(reason)
+      return
+    self.parts_in.append(inputs)
+    self.parts_out.append(outputs)
+    self.meta.append((meta, next(iter(rows))))
+
+  def finish(self) -> Logs:
+    counts = np.array([n for _, n in self.meta], np.int64)
+    total = int(counts.sum())
+
+    def per_row(values, dtype):
+      return np.repeat(np.asarray(values, dtype), counts) if total else np.zeros(0, dtype)
+
+    def stack(parts, schema):
+      return {
+        k: np.concatenate([p[k] for p in parts])
+        if parts
+        else np.zeros((0, *[s or 0 for s in shape]), dtype)
+        for k, (dtype, shape) in (schema or {}).items()
+      }
+
+    metas = [m for m, _ in self.meta]
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return Logs(
+      inputs=stack(self.parts_in, self.schema),
+      outputs=stack(self.parts_out, self.output_schema),
+      request_id=per_row([m.request_id for m in metas], object).astype(str),
+      row_in_request=(np.arange(total) - starts).astype(np.int32),
+      time_us=per_row([m.time_us for m in metas], np.int64),
+      model_name=per_row([m.model_name for m in metas], object).astype(str),
+      version=per_row([m.version for m in metas], np.int64),
+      version_label=per_row([m.version_label for m in metas], object).astype(str),
+      arm=per_row([m.arm or "" for m in metas], object).astype(str),
+      latency_us=per_row([m.latency_us for m in metas], np.int64),
+      num_records=self.num_records,
+      torn_records=self.torn,
+      error_records=dict(self.errors),
+      schema_breaks=dict(self.breaks),
+      other_model_records=self.other_model,
+    )
+
+
+def make_record(
+  inputs: dict[str, np.ndarray],
+  outputs: dict[str, np.ndarray],
+  meta: RecordMetadata,
+  *,
+  signature_name: str = "serving_default",
+) -> bytes:
+  """One serialized PredictionLog in the format above (what a server-side writer produces)."""
+  from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+  from serving.server import tensors
+
+  spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
+  if meta.version:
+    spec.version.value = meta.version
+  asked = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
+  if meta.version_label:  # This writer's client asked by label when there was one.
+    asked.version_label = meta.version_label
+  request = predict_pb2.PredictRequest(model_spec=asked)
+  for name, value in inputs.items():
+    tensors.fill_tensor_proto(request.inputs[name], np.asarray(value))
+  response = predict_pb2.PredictResponse(model_spec=spec)
+  for name, value in outputs.items():
+    tensors.fill_tensor_proto(response.outputs[name], np.asarray(value))
+  extra = {
+    "request_id": meta.request_id,
+    "version_label": meta.version_label or None,
+    "time_us": meta.time_us,
+    "arm": meta.arm,
+    "latency_us": meta.latency_us,
+    "status_code": meta.status_code,
+    "format": FORMAT_VERSION,
+  }
+  metadata_tensor = response.outputs[METADATA_KEY]
+  metadata_tensor.dtype = 7  # DT_STRING
+  metadata_tensor.string_val.append(json.dumps(extra).encode())
+  log = prediction_log_pb2.PredictionLog(
+    predict_log=prediction_log_pb2.PredictLog(request=request, response=response)
+  )
+  log.log_metadata.model_spec.CopyFrom(spec)
+  log.log_metadata.timestamp_secs = meta.time_us // 1_000_000
+  return log.SerializeToString()
+
+
+def write_records(path: str, records: list[bytes]) -> None:
+  """Writes serialized records as a TFRecord file (TensorFlow's writer, so CRCs are real);
+  the file appears complete or not at all (temp + rename). For tests, benches and replays."""
+  import tensorflow as tf
+
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for record in records:
+      writer.write(record)
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+  """Ground-truth labels joined onto log rows."""
+
+  labels: np.ndarray  # int64 per log row; -1 where no feedback exists
+  num_feedback: int  # rows in the feedback file
+  unknown_ids: int  # feedback rows whose (request id, row) is not in the logs
+  matched: int
+
+
+def read_feedback(path: str) -> dict[tuple[str, int], int]:
+  """(request id, row) -> label from a CSV (header `request_id,label[,row]`) or JSONL file.
+
+  Raises LogError naming the file and the line for a missing or non-integer field.
+  """
+  if not os.path.isfile(path):
+    raise LogError(f"--feedback={path} is not a file")
+  with open(path, newline="") as f:
+    if path.endswith((".jsonl", ".json")):
+      entries = [json.loads(line) for line in f if line.strip()]
+    else:
+      entries = list(csv.DictReader(f))
+  labels = {}
+  for line, entry in enumerate(entries, start=1):
+    try:
+      key = (str(entry["request_id"]), int(entry.get("row") or 0))
+      labels[key] = int(entry["label"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise LogError(
+        f"--feedback={path} entry {line}: needs request_id and an integer label ({e!r})"
+      ) from e
+  return labels
+
+
+def join_feedback(logs: Logs, labels: dict[tuple[str, int], int]) -> Feedback:
+  """Labels per log row (-1 where none), and how many feedback entries matched no row."""
+  index = {
+    key: i
+    for i, key in enumerate(
+      zip(logs.request_id.tolist(), logs.row_in_request.tolist(), strict=True)
+    )
+  }
+  joined = np.full(len(logs), -1, np.int64)
+  unknown = 0
+  for key, label in labels.items():
+    row = index.get(key)
+    if row is None:
+      unknown += 1
+    else:
+      joined[row] = label
+  return Feedback(joined, len(labels), unknown, len(labels) - unknown)
