@@ -49,7 +49,15 @@ import numpy as np
 from absl import logging
 
 METADATA_KEY = "__log_metadata__"
-METADATA_FIELDS = ("request_id", "version_label", "time_us", "arm", "latency_us", "status_code", "format")
+METADATA_FIELDS = (
+  "request_id",
+  "version_label",
+  "time_us",
+  "arm",
+  "latency_us",
+  "status_code",
+  "format",
+)
 FORMAT_VERSION = 1
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC-32C of the length
 _FOOTER_BYTES = 4  # uint32 masked CRC-32C of the payload

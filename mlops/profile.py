@@ -69,6 +69,7 @@ MAX_CATEGORIES = 1024
 MAX_SAMPLE_ROWS = 2000
 # Caps on rows read: enough for stable quantiles, bounded export time.
 MAX_TRAINING_ROWS = 100_000
+MAX_LM_TRAINING_ROWS = 4096  # rows of seq_len tokens each
 MAX_PREDICTION_ROWS = 4096
 MAX_LM_PREDICTION_ROWS = 128
 PREDICT_BATCH = 256

@@ -70,18 +70,17 @@ def profile_inputs(saved_model: str, signature, workdir: str | None = None):
   def as_served(x):
     return np.asarray(x).reshape(len(x), *serving_shape).astype(dtype)
 
+  pad_id, max_rows = None, profile_lib.MAX_TRAINING_ROWS
   if kind == "language_model":
     from trainer.data import text
 
-    pad_id = text.PAD_ID
-  else:
-    pad_id = None
+    pad_id, max_rows = text.PAD_ID, profile_lib.MAX_LM_TRAINING_ROWS
   return profile_lib.ProfileInputs(
     kind=kind,
     input_name=input_name,
     input_dtype=dtype.name,
     row_shape=row_shape,
-    training_inputs=as_served(_sample_inputs(dataset.train, profile_lib.MAX_TRAINING_ROWS)),
+    training_inputs=as_served(_sample_inputs(dataset.train, max_rows)),
     eval_inputs=as_served(_sample_inputs(dataset.eval, profile_lib.MAX_PREDICTION_ROWS)),
     pad_id=pad_id,
     num_classes=spec["num_classes"],
