@@ -20,7 +20,7 @@ from tests.helpers import digits_export, model_server
 
 pytest.importorskip("tensorflow", reason="the monitor reads TF Serving logs (make install)")
 
-from tests.helpers import prediction_logs  # noqa: E402
+from tests.helpers import prediction_logs
 
 OPTIONS = drift.DriftOptions()
 
@@ -63,7 +63,7 @@ def test_large_samples_use_distances_and_unshifted_data_does_not_drift():
   features = profile.describe(reference, "x")
   same = drift.group_drift(features, rng.normal(size=(4000, 3)), OPTIONS)
   assert [r.method for r in same] == ["wasserstein"] * 3 and not any(r.drifted for r in same)
-  shifted = rng.normal(size=(4000, 3)) + [0.0, 0.0, 0.5]
+  shifted = rng.normal(size=(4000, 3)) + np.array([0.0, 0.0, 0.5])
   assert [r.drifted for r in drift.group_drift(features, shifted, OPTIONS)] == [0, 0, 1]
   with_nan = shifted.copy()
   with_nan[:400, 0] = np.nan
@@ -90,7 +90,10 @@ def logs(saved_model, tmp_path_factory):
   directory = tmp_path_factory.mktemp("logs")
   start = 1_700_000_000_000_000
   prediction_logs.write_log(
-    str(directory / "log-0"), rows, prediction_logs.served_outputs(saved_model, rows), start_us=start
+    str(directory / "log-0"),
+    rows,
+    prediction_logs.served_outputs(saved_model, rows),
+    start_us=start,
   )
   prediction_logs.write_log(
     str(directory / "log-1"),
@@ -132,7 +135,7 @@ def test_small_windows_get_no_verdict(saved_model, logs, tmp_path):
 
 
 def test_accuracy_alerts_on_wrong_feedback_only(saved_model, logs, tmp_path):
-  directory, rows, labels = logs
+  directory, _, labels = logs
   baseline = profile.read_profile(saved_model)["model"]["eval_metrics"]["eval/accuracy"]
   options = monitor_windows.MonitorOptions(window_s=3600)
   right = tmp_path / "right.csv"

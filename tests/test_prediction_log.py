@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("tensorflow_serving", reason="logs are TF Serving protos (make install)")
 
-from mlops import prediction_log  # noqa: E402
-from mlops.prediction_log import RecordMetadata  # noqa: E402
+from mlops import prediction_log
+from mlops.prediction_log import RecordMetadata
 
 
 def _record(rows, request_id, *, model="digits", version=1, status=0, inputs=None, time_us=0):
