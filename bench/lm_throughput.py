@@ -49,8 +49,8 @@ import models
 from configs import lm
 from models import transformer
 from trainer import tasks, train
+from trainer.data import Dataset, load_dataset
 from trainer.data import pipeline as input_pipeline
-from trainer.data.sources import Dataset, load_dataset
 from trainer.optimizers import create_optimizer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: fewer steps, one repeat, two configs.")
@@ -142,9 +142,9 @@ def minimal_lm_step(
   config: ml_collections.ConfigDict, dataset: Dataset
 ) -> tuple[Callable, Callable]:
   """`(init(rng) -> carry, step(carry, batch) -> (carry, loss))`, jitted, nothing else."""
-  model = models.get_model(config.model, num_outputs=dataset.num_classes)
+  model = models.get_model(config.model, num_outputs=dataset.spec.num_classes)
   tx = create_optimizer(config.optim, config.train.num_steps).tx
-  task = tasks.LanguageModelTask(dataset)
+  task = tasks.LanguageModelTask(dataset.spec)
 
   def init(rng):
     args, kwargs = task.model_inputs(task.init_batch())

@@ -54,7 +54,7 @@ from absl import app, flags
 import models
 from configs import base
 from trainer import checkpointing, tasks, train
-from trainer.data.sources import load_dataset
+from trainer.data import load_dataset
 from trainer.optimizers import create_optimizer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Sanity run: few steps, one repeat, a small state.")
@@ -181,11 +181,11 @@ def host_batches(config: ml_collections.ConfigDict) -> list[dict[str, np.ndarray
 def minimal_train_step(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
   """`(init(rng) -> carry, step(carry, batch) -> (carry, loss))`, jitted, nothing else."""
   dataset = load_dataset(config.data)
-  model = models.get_model(config.model, num_outputs=dataset.num_classes)
+  model = models.get_model(config.model, num_outputs=dataset.spec.num_classes)
   tx = create_optimizer(config.optim, config.train.num_steps).tx
 
   def init(rng):
-    dummy = jnp.zeros((1, *dataset.input_shape), jnp.float32)
+    dummy = jnp.zeros((1, *dataset.spec.input_shape), jnp.float32)
     params = nn.meta.unbox(model.init(rng, dummy, train=False)["params"])
     return params, tx.init(params)
 
@@ -193,7 +193,7 @@ def minimal_train_step(config: ml_collections.ConfigDict) -> tuple[Callable, Cal
     params, opt_state = carry
 
     def loss_fn(params):
-      inputs = tasks.normalize(batch["inputs"], dataset.mean, dataset.std)
+      inputs = tasks.normalize(batch["inputs"], dataset.spec.mean, dataset.spec.std)
       logits = model.apply({"params": params}, inputs, train=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 

@@ -43,9 +43,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # digits | synthetic | npz | array_record (classification), text (language models)
   config.data.name = "digits"
-  # npz / array_record: a file path or glob for each split.
+  # npz / array_record: a file path or glob for each split. eval_path is the validation split
+  # (best checkpoint, early stopping); test_path (optional) the held-out test split.
   config.data.train_path = ""
   config.data.eval_path = ""
+  config.data.test_path = ""
   # npz: array names inside the file.
   config.data.inputs_key = "inputs"
   config.data.labels_key = "labels"
@@ -55,7 +57,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Unset means the dataset's own default (digits: 0 / 16, others: 0 / 1).
   config.data.mean = config_dict.placeholder(float)
   config.data.std = config_dict.placeholder(float)
-  # digits: the train/test split is fixed by this seed, independent of `config.seed`.
+  # digits: the 70/15/15 train/validation/test split is fixed by this seed, independent of
+  # `config.seed` (synthetic: the data itself).
   config.data.split_seed = 0
   # synthetic: example shape, classes and split sizes.
   config.data.synthetic_input_shape = (8, 8, 1)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
 import numpy as np
 from grain import experimental as grain_experimental
 
-from trainer.data.sources import ArrayRecordSource, ArraySource, Dataset
+from trainer.data.dataset import Dataset, Source
 from trainer.errors import ConfigError
 
 # Device-side buffer: one batch being consumed, one transferred ahead.
@@ -94,7 +94,11 @@ class InlineBatchIterator(grain.DatasetIterator):
   checkpoint resumes with either kind.
   """
 
-  def __init__(self, batches: GlobalStreamBatches, to_device):
+  def __init__(
+    self,
+    batches: GlobalStreamBatches,
+    to_device: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
+  ):
     super().__init__()
     self._batches = batches
     self._to_device = to_device
@@ -128,7 +132,7 @@ class GlobalStreamBatches:
 
   def __init__(
     self,
-    source,
+    source: Source,
     *,
     global_batch_size: int,
     seed: int,
@@ -175,7 +179,7 @@ class GlobalStreamBatches:
     return take(self.source, self.indices(index))
 
 
-def take(source, indices: np.ndarray) -> dict[str, np.ndarray]:
+def take(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
   """Stacked examples `indices` of `source`, in one read where the source supports it."""
   if hasattr(source, "take"):
     return source.take(indices)
@@ -184,7 +188,7 @@ def take(source, indices: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def local_batches(
-  source,
+  source: Source,
   *,
   global_batch_size: int,
   seed: int,
@@ -206,7 +210,7 @@ def local_batches(
 
 
 def eval_batches(
-  source: ArraySource | ArrayRecordSource,
+  source: Source,
   *,
   global_batch_size: int,
   sharding: jax.sharding.NamedSharding,
@@ -230,7 +234,7 @@ def eval_batches(
     yield _to_global_arrays(_pad_batch(batch, local_batch, source), sharding)
 
 
-def _pad_batch(batch: dict | None, size: int, source) -> dict[str, np.ndarray]:
+def _pad_batch(batch: dict | None, size: int, source: Source) -> dict[str, np.ndarray]:
   if batch is None:  # This process ran out of examples before the others.
     example = source[0]
     batch = {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
@@ -243,7 +247,9 @@ def _pad_batch(batch: dict | None, size: int, source) -> dict[str, np.ndarray]:
   return padded
 
 
-def _to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+def _to_global_arrays(
+  batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
   batch = {k: np.asarray(v) for k, v in batch.items()}
   if jax.process_count() == 1:
     # What make_array_from_process_local_data does with one process, without its per-call checks.

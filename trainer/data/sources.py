@@ -1,7 +1,10 @@
-"""Random-access data sources: the digits that ship with scikit-learn, synthetic data, user files.
+"""Classification data: the digits that ship with scikit-learn, synthetic data, user files.
 
-Every source yields examples `{"inputs": float32 array, "labels": int32 scalar}` and knows its
-normalization, so the jitted step (and later the export) applies the same preprocessing.
+Every source yields examples `{"inputs": float32 array, "labels": int32 scalar}`; each dataset
+knows its normalization, so the jitted step (and later the export) applies the same preprocessing.
+Each has three splits (see dataset.Dataset): digits and synthetic data split by
+`config.data.split_seed`, user files by path (`train_path`, `eval_path` for validation, and an
+optional `test_path`).
 
 User files:
   * `.npz` with two arrays (`config.data.inputs_key`, `config.data.labels_key`), one file or a glob;
@@ -10,9 +13,7 @@ User files:
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
 import os
 from collections.abc import Sequence
 
@@ -20,11 +21,18 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from trainer.data.dataset import (
+  CLASSIFICATION,
+  Dataset,
+  DataSpec,
+  fingerprint_arrays,
+  fingerprint_files,
+)
 from trainer.errors import ConfigError
 
-# Bytes read from each end of a user file for its fingerprint: cheap on terabytes, and any
-# rewrite of a file in practice changes its size, its head or its tail.
-_FINGERPRINT_EDGE_BYTES = 1 << 20
+# Digits: the share of examples in each held-out split (the rest trains).
+DIGITS_VALIDATION_FRACTION = 0.15
+DIGITS_TEST_FRACTION = 0.15
 
 
 class ArraySource:
@@ -66,36 +74,6 @@ class ArrayRecordSource:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  train: ArraySource | ArrayRecordSource
-  eval: ArraySource | ArrayRecordSource
-  num_classes: int
-  input_shape: tuple[int, ...]
-  # Inputs are normalized as (x - mean) / std on device.
-  mean: float
-  std: float
-  # Identifies the data read, for the run manifest.
-  fingerprint: str
-  # classification: {"inputs", "labels"} examples, num_classes labels.
-  # language_model: packed token rows (see text_data), num_classes = vocabulary size.
-  kind: str = "classification"
-  # The shape a served model takes per example, when it differs from input_shape (digits: the
-  # 64 values of sklearn's `digits.data` rows, reshaped to 8x8x1 inside the exported function).
-  serving_input_shape: tuple[int, ...] | None = None
-
-  def spec(self) -> dict:
-    """What inference needs to know about the data, saved with every checkpoint."""
-    return {
-      "kind": self.kind,
-      "num_classes": self.num_classes,
-      "input_shape": list(self.input_shape),
-      "serving_input_shape": list(self.serving_input_shape or self.input_shape),
-      "mean": self.mean,
-      "std": self.std,
-    }
-
-
 def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> None:
   """Writes aligned examples to one ArrayRecord file in the format `ArrayRecordSource` reads."""
   from array_record.python import array_record_module
@@ -109,53 +87,35 @@ def write_array_record(path: str, inputs: np.ndarray, labels: np.ndarray) -> Non
     writer.close()
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-  """Opens the dataset `config.data.name`; raises ConfigError for unknown names or bad paths."""
-  from trainer.data import text as text_data  # The LM's sources live beside their tokenizer.
-
-  loaders = {
-    "text": text_data.load_text_dataset,
-    "digits": _load_digits,
-    "synthetic": _load_synthetic,
-    "npz": _load_npz,
-    "array_record": _load_array_record,
-  }
-  if config.name not in loaders:
-    raise ConfigError(
-      f"unknown dataset {config.name!r} (config.data.name); choose one of {sorted(loaders)}"
-    )
-  dataset = loaders[config.name](config)
-  # User overrides win over each dataset's default normalization.
-  overrides = {k: config[k] for k in ("mean", "std") if config[k] is not None}
-  if overrides.get("std", 1.0) == 0:
-    raise ConfigError("config.data.std=0 would divide by zero; set a positive std")
-  return dataclasses.replace(dataset, **overrides)
-
-
-def _load_digits(config: ml_collections.ConfigDict) -> Dataset:
+def load_digits(config: ml_collections.ConfigDict) -> Dataset:
+  """sklearn's 1797 8x8 digits, split 70/15/15 (train/validation/test) by config.split_seed."""
   from sklearn import datasets  # Deferred: only this source needs scikit-learn.
 
   digits = datasets.load_digits()
   images = digits.images.astype(np.float32)[..., None]  # (1797, 8, 8, 1), values 0..16
   labels = digits.target.astype(np.int32)
-  # A fixed 80/20 split that does not move with config.seed, so test accuracy compares across runs.
+  # A fixed split that does not move with config.seed, so test accuracy compares across runs.
   order = np.random.default_rng(config.split_seed).permutation(len(labels))
-  num_test = len(labels) // 5
-  test, train = order[:num_test], order[num_test:]
-  return Dataset(
-    train=ArraySource(images[train], labels[train]),
-    eval=ArraySource(images[test], labels[test]),
+  num_test = round(len(labels) * DIGITS_TEST_FRACTION)
+  num_validation = round(len(labels) * DIGITS_VALIDATION_FRACTION)
+  indices = {
+    "test": order[:num_test],
+    "validation": order[num_test : num_test + num_validation],
+    "train": order[num_test + num_validation :],
+  }
+  splits = {name: ArraySource(images[i], labels[i]) for name, i in indices.items()}
+  return _classification_dataset(
+    splits,
+    {name: fingerprint_arrays(s.inputs, s.labels) for name, s in splits.items()},
     num_classes=10,
-    input_shape=images.shape[1:],
-    mean=0.0,
     std=16.0,
-    fingerprint=_fingerprint_arrays(images[train], labels[train], images[test], labels[test]),
     serving_input_shape=(64,),
   )
 
 
-def _load_synthetic(config: ml_collections.ConfigDict) -> Dataset:
-  """Gaussian clusters around one random prototype per class: learnable, any shape."""
+def load_synthetic(config: ml_collections.ConfigDict) -> Dataset:
+  """Gaussian clusters around one random prototype per class: learnable, any shape. The
+  validation and test splits each hold config.synthetic_eval_examples examples."""
   shape = tuple(config.synthetic_input_shape)
   num_classes = config.synthetic_num_classes
   if num_classes < 2 or not shape or min(shape) < 1:
@@ -171,49 +131,38 @@ def _load_synthetic(config: ml_collections.ConfigDict) -> Dataset:
     noise = rng.normal(scale=1.5, size=(num_examples, *shape)).astype(np.float32)
     return ArraySource(prototypes[labels] + noise, labels)
 
-  train, evaluation = split(config.synthetic_train_examples), split(config.synthetic_eval_examples)
-  return Dataset(
-    train=train,
-    eval=evaluation,
+  sizes = {
+    "train": config.synthetic_train_examples,
+    "validation": config.synthetic_eval_examples,
+    "test": config.synthetic_eval_examples,
+  }
+  splits = {name: split(size) for name, size in sizes.items()}
+  return _classification_dataset(
+    splits,
+    {name: fingerprint_arrays(s.inputs, s.labels) for name, s in splits.items()},
     num_classes=num_classes,
-    input_shape=shape,
-    mean=0.0,
-    std=1.0,
-    fingerprint=_fingerprint_arrays(train.inputs, train.labels, evaluation.inputs),
   )
 
 
-def _load_npz(config: ml_collections.ConfigDict) -> Dataset:
-  splits = {}
-  for split in ("train", "eval"):
-    paths = _resolve_paths(config, split)
+def load_npz(config: ml_collections.ConfigDict) -> Dataset:
+  """`.npz` files by split: train_path, eval_path (validation) and optionally test_path."""
+  splits, fingerprints = {}, {}
+  for split, paths in _split_paths(config).items():
     arrays = [_read_npz(path, config) for path in paths]
     for path, (inputs, _) in zip(paths[1:], arrays[1:], strict=True):
       if inputs.shape[1:] != arrays[0][0].shape[1:]:
         raise ConfigError(
           f"{path} holds examples of shape {inputs.shape[1:]} but {paths[0]} of shape "
-          f"{arrays[0][0].shape[1:]}; every file of config.data.{split}_path needs the same shape"
+          f"{arrays[0][0].shape[1:]}; every file of config.data.{_PATH_FIELDS[split]} needs "
+          "the same shape"
         )
     inputs = np.concatenate([x for x, _ in arrays])
     labels = np.concatenate([y for _, y in arrays])
-    splits[split] = (ArraySource(inputs, labels), paths)
-  train_shape, eval_shape = splits["train"][0].inputs.shape[1:], splits["eval"][0].inputs.shape[1:]
-  if train_shape != eval_shape:
-    raise ConfigError(
-      f"config.data.train_path holds examples of shape {train_shape} but config.data.eval_path "
-      f"of shape {eval_shape}; both splits need the same shape"
-    )
-  (train, train_paths), (evaluation, eval_paths) = splits["train"], splits["eval"]
-  num_classes = config.num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
-  return Dataset(
-    train=train,
-    eval=evaluation,
-    num_classes=num_classes,
-    input_shape=train.inputs.shape[1:],
-    mean=0.0,
-    std=1.0,
-    fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
-  )
+    splits[split] = ArraySource(inputs, labels)
+    fingerprints[split] = fingerprint_files(paths)
+  _check_same_shapes({split: s.inputs.shape[1:] for split, s in splits.items()})
+  num_classes = config.num_classes or int(max(s.labels.max() for s in splits.values())) + 1
+  return _classification_dataset(splits, fingerprints, num_classes=num_classes)
 
 
 def _read_npz(path: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
@@ -259,32 +208,74 @@ def _read_npz(path: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray,
   return inputs, labels
 
 
-def _load_array_record(config: ml_collections.ConfigDict) -> Dataset:
+def load_array_record(config: ml_collections.ConfigDict) -> Dataset:
+  """ArrayRecord files by split: train_path, eval_path (validation), optionally test_path."""
   if config.num_classes < 2:
     raise ConfigError(
       "array_record data needs config.data.num_classes (>= 2): the label count is not "
       "stored in the records"
     )
-  train_paths, eval_paths = _resolve_paths(config, "train"), _resolve_paths(config, "eval")
+  paths = _split_paths(config)
   try:
-    train, evaluation = ArrayRecordSource(train_paths), ArrayRecordSource(eval_paths)
-    first, first_eval = train[0], evaluation[0]
+    splits = {split: ArrayRecordSource(p) for split, p in paths.items()}
+    firsts = {split: source[0] for split, source in splits.items()}
   except Exception as e:  # array_record raises bare RuntimeErrors/ValueErrors on bad files.
-    raise ConfigError(f"cannot read ArrayRecord files {train_paths + eval_paths}: {e}") from e
-  if first["inputs"].shape != first_eval["inputs"].shape:
-    raise ConfigError(
-      f"config.data.train_path holds examples of shape {first['inputs'].shape} but "
-      f"config.data.eval_path of shape {first_eval['inputs'].shape}; both need the same shape"
-    )
-  return Dataset(
-    train=train,
-    eval=evaluation,
+    every = [path for p in paths.values() for path in p]
+    raise ConfigError(f"cannot read ArrayRecord files {every}: {e}") from e
+  _check_same_shapes({split: first["inputs"].shape for split, first in firsts.items()})
+  first = firsts["train"]
+  return _classification_dataset(
+    splits,
+    {split: fingerprint_files(p) for split, p in paths.items()},
     num_classes=config.num_classes,
     input_shape=first["inputs"].shape,
-    mean=0.0,
-    std=1.0,
-    fingerprint=_fingerprint_files([*train_paths, *eval_paths]),
   )
+
+
+def _classification_dataset(
+  splits: dict,
+  fingerprints: dict[str, str],
+  *,
+  num_classes: int,
+  input_shape: tuple[int, ...] | None = None,
+  std: float = 1.0,
+  serving_input_shape: tuple[int, ...] | None = None,
+) -> Dataset:
+  train = splits["train"]
+  spec = DataSpec(
+    kind=CLASSIFICATION,
+    input_shape=input_shape or train.inputs.shape[1:],
+    input_dtype="float32",
+    num_classes=num_classes,
+    mean=0.0,
+    std=std,
+    serving_input_shape=serving_input_shape,
+    fingerprints=fingerprints,
+  )
+  return Dataset(train=train, validation=splits["validation"], test=splits.get("test"), spec=spec)
+
+
+# The config field naming each split's files.
+_PATH_FIELDS = {"train": "train_path", "validation": "eval_path", "test": "test_path"}
+
+
+def _split_paths(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+  """The files of each split: train and validation (eval_path) required, test optional."""
+  paths = {"train": _resolve_paths(config, "train"), "validation": _resolve_paths(config, "eval")}
+  if config.get("test_path"):
+    paths["test"] = _resolve_paths(config, "test")
+  return paths
+
+
+def _check_same_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
+  """ConfigError when the splits' examples differ in shape, naming the config fields."""
+  train = shapes["train"]
+  for split, shape in shapes.items():
+    if shape != train:
+      raise ConfigError(
+        f"config.data.train_path holds examples of shape {train} but "
+        f"config.data.{_PATH_FIELDS[split]} of shape {shape}; all splits need the same shape"
+      )
 
 
 def _resolve_paths(config: ml_collections.ConfigDict, split: str) -> list[str]:
@@ -305,24 +296,3 @@ def _resolve_paths(config: ml_collections.ConfigDict, split: str) -> list[str]:
         f"config.data.{field}: {path} is not a readable file; fix its permissions or the path"
       )
   return paths
-
-
-def _fingerprint_arrays(*arrays: np.ndarray) -> str:
-  digest = hashlib.sha256()
-  for array in arrays:
-    digest.update(str((array.shape, array.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return "sha256:" + digest.hexdigest()
-
-
-def _fingerprint_files(paths: Sequence[str]) -> str:
-  digest = hashlib.sha256()
-  for path in paths:
-    size = os.path.getsize(path)
-    digest.update(f"{os.path.basename(path)}:{size}".encode())
-    with open(path, "rb") as f:
-      digest.update(f.read(_FINGERPRINT_EDGE_BYTES))
-      if size > 2 * _FINGERPRINT_EDGE_BYTES:
-        f.seek(-_FINGERPRINT_EDGE_BYTES, os.SEEK_END)
-        digest.update(f.read())
-  return "sha256-edges:" + digest.hexdigest()

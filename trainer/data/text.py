@@ -23,8 +23,12 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from trainer.data.dataset import LANGUAGE_MODEL, Dataset, DataSpec
 from trainer.errors import ConfigError
 
+# The token contract (training, `generate`, clients): ids 0..255 are the bytes of UTF-8 text;
+# BOS starts every document and EOS ends it. Decoding ends a continuation at EOS. PAD fills the
+# right end of the shorter prompts in a batch sent to an exported `generate`.
 BYTE_VOCAB = 256
 BOS_ID = 256
 EOS_ID = 257
@@ -38,7 +42,7 @@ def encode(text: str | bytes) -> np.ndarray:
   return np.frombuffer(data, np.uint8).astype(np.int32)
 
 
-def decode(ids) -> str:
+def decode(ids: np.ndarray | list[int]) -> str:
   """Text of token ids; special tokens are dropped, invalid UTF-8 is replaced."""
   data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < BYTE_VOCAB)
   return data.decode("utf-8", errors="replace")
@@ -136,46 +140,53 @@ class PackedTextSource:
     }
 
 
-def load_text_dataset(config: ml_collections.ConfigDict):
-  """Packed train/eval rows from `config.data.files` (or the standard library's sources)."""
-  from trainer.data.sources import Dataset
-
+def load_text_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """Packed train/validation/test rows from `config.data.files` (or the standard library's
+  sources). Every `eval_every_documents`-th document is held out, whatever the seed; held-out
+  documents alternate between validation and test."""
   if config.seq_len < 2:
     raise ConfigError(f"config.data.seq_len={config.seq_len} must be >= 2")
-  if config.files:
-    files = sorted(glob.glob(os.path.expanduser(config.files)))
-    if not files:
-      raise ConfigError(
-        f"config.data.files={config.files!r} matches no file; check the path (globs are allowed)"
-      )
-    for path in files:
-      if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise ConfigError(f"config.data.files: {path} is not a readable file")
-  else:
-    files = stdlib_source_files()
-  documents = load_documents(files, config.max_bytes)
-  # Every eval_every_documents-th document is held out: a fixed split whatever the seed.
+  documents = load_documents(_text_files(config), config.max_bytes)
   every = config.eval_every_documents
-  eval_docs = documents[::every]
-  train_docs = [d for i, d in enumerate(documents) if i % every]
-  train = PackedTextSource(train_docs, config.seq_len)
-  evaluation = PackedTextSource(eval_docs, config.seq_len)
-  if len(train) == 0 or len(evaluation) == 0:
+  held_out = documents[::every]
+  split_documents = {
+    "train": [d for i, d in enumerate(documents) if i % every],
+    "validation": held_out[::2],
+    "test": held_out[1::2],
+  }
+  splits = {name: PackedTextSource(docs, config.seq_len) for name, docs in split_documents.items()}
+  if min(len(s) for s in splits.values()) == 0:
+    rows = ", ".join(f"{len(s)} {name}" for name, s in splits.items())
     raise ConfigError(
       f"{len(documents)} documents ({sum(d.size for d in documents)} bytes) from "
-      f"{config.files or 'the standard library'} make {len(train)} train and {len(evaluation)} "
-      f"eval rows of config.data.seq_len={config.seq_len}; give more text or a shorter seq_len"
+      f"{config.files or 'the standard library'} make {rows} rows of "
+      f"config.data.seq_len={config.seq_len} (every config.data.eval_every_documents={every}th "
+      "document is held out, alternately for validation and test); give more text, a shorter "
+      "seq_len or a smaller eval_every_documents"
     )
-  digest = hashlib.sha256()
-  digest.update(train.stream.tobytes())
-  digest.update(evaluation.stream.tobytes())
-  return Dataset(
-    train=train,
-    eval=evaluation,
-    num_classes=VOCAB_SIZE,
+  spec = DataSpec(
+    kind=LANGUAGE_MODEL,
     input_shape=(config.seq_len,),
-    mean=0.0,
-    std=1.0,
-    fingerprint="sha256:" + digest.hexdigest(),
-    kind="language_model",
+    input_dtype="int32",
+    num_classes=VOCAB_SIZE,
+    fingerprints={
+      name: "sha256:" + hashlib.sha256(s.stream.tobytes()).hexdigest() for name, s in splits.items()
+    },
   )
+  return Dataset(
+    train=splits["train"], validation=splits["validation"], test=splits["test"], spec=spec
+  )
+
+
+def _text_files(config: ml_collections.ConfigDict) -> list[str]:
+  if not config.files:
+    return stdlib_source_files()
+  files = sorted(glob.glob(os.path.expanduser(config.files)))
+  if not files:
+    raise ConfigError(
+      f"config.data.files={config.files!r} matches no file; check the path (globs are allowed)"
+    )
+  for path in files:
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+      raise ConfigError(f"config.data.files: {path} is not a readable file")
+  return files
