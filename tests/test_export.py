@@ -22,11 +22,22 @@ from trainer.errors import ConfigError  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Steps the digits run saves: its best step (by the inverted metric below) and its latest.
+BEST_STEP, LATEST_STEP = 10, 20
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-  """A digits smoke run trained on a (data=2, fsdp=4) mesh of 8 fake devices."""
+  """A digits smoke run trained on a (data=2, fsdp=4) mesh of 8 fake devices, checkpointed at
+  steps 10 and 20. Its best checkpoint is ranked by the *highest* validation loss, so the
+  best step (10: loss falls while training) differs from the latest (20) and a test can tell
+  which one export took."""
   workdir = tmp_path_factory.mktemp("digits")
-  train.train_and_evaluate(smoke_config({"mesh.data": 2, "mesh.fsdp": 4}), str(workdir))
+  config = smoke_config(
+    {"mesh.data": 2, "mesh.fsdp": 4, "eval.best_metric": "loss", "eval.best_mode": "max"}
+  )
+  result = train.train_and_evaluate(config, str(workdir))
+  assert (result.best_checkpoint_step, result.step) == (BEST_STEP, LATEST_STEP)
   return str(workdir)
 
 
@@ -42,7 +53,9 @@ def _listing(path):
 
 def test_exported_classifier_matches_jax(digits_run, digits_export):
   assert digits_export.version == 1 and os.path.basename(digits_export.path) == "1"
-  model = loading.load(digits_run)
+  # Export takes the best checkpoint by default when the run kept one.
+  assert (digits_export.step, digits_export.step_reason) == (BEST_STEP, "best")
+  model = loading.load(digits_run, BEST_STEP)
   from sklearn import datasets
 
   pixels = datasets.load_digits().data[:50].astype(np.float32)  # Raw 0..16 values, as clients send.
@@ -71,9 +84,12 @@ def test_assets_extra_hold_warmup_and_manifest(digits_export):
   assert [d.size for d in requests[1].inputs["inputs"].tensor_shape.dim] == [2]
   with open(os.path.join(extra, "manifest.json")) as f:
     manifest = json.load(f)
-  assert manifest["checkpoint_step"] == 20
+  assert manifest["checkpoint_step"] == BEST_STEP
   assert "eval/accuracy" in manifest["eval_metrics"]
   assert manifest["data_fingerprint"].startswith("sha256:")
+  fingerprints = manifest["data_spec"]["fingerprints"]
+  assert set(fingerprints) == {"train", "validation", "test"}
+  assert len(set(fingerprints.values())) == 3
   assert set(manifest["git"]) == {"commit", "dirty"}
   assert (
     manifest["export"]["calling_convention_version"]
@@ -97,7 +113,16 @@ def test_saved_model_cli_lists_the_signature(digits_export):
     assert line in signature, line
 
 
-def test_export_of_an_8_device_checkpoint_in_a_1_device_process(digits_run, tmp_path):
+@pytest.mark.parametrize(
+  "step_flag, message",
+  [
+    ("--step=best", f"exported step {BEST_STEP} (the best checkpoint; --step=latest for the last)"),
+    ("--step=latest", f"exported step {LATEST_STEP} (the latest checkpoint)"),
+  ],
+)
+def test_export_of_an_8_device_checkpoint_in_a_1_device_process(
+  digits_run, tmp_path, step_flag, message
+):
   base = tmp_path / "models"
   proc = subprocess.run(
     [
@@ -106,7 +131,7 @@ def test_export_of_an_8_device_checkpoint_in_a_1_device_process(digits_run, tmp_
       "serving.export",
       f"--workdir={digits_run}",
       f"--export_base={base}",
-      "--step=best",
+      step_flag,
       "--version=3",
     ],
     cwd=REPO,
@@ -116,14 +141,15 @@ def test_export_of_an_8_device_checkpoint_in_a_1_device_process(digits_run, tmp_
     env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "exported step 20" in proc.stdout
+  assert message in proc.stdout
   assert _listing(base) == ["3"]
 
 
 def test_versions_count_up_and_are_never_overwritten(digits_run, tmp_path):
   base = str(tmp_path / "models")
   assert export.export(digits_run, base).version == 1
-  assert export.export(digits_run, base, step="20").version == 2
+  second = export.export(digits_run, base, step="20")
+  assert (second.version, second.step, second.step_reason) == (2, 20, "requested")
   with pytest.raises(ConfigError, match=r"models/2 already exists; versions are never overwritten"):
     export.export(digits_run, base, version=2)
   assert _listing(base) == ["1", "2"]
@@ -214,6 +240,9 @@ def test_bfloat16_model_passes_the_bfloat16_gate(tmp_path):
 
 
 def test_language_model_export(tmp_path):
+  from models import decoding
+  from trainer.data import text as text_data
+
   config = lm_config.get_config("smoke")
   config.data.worker_threads = 0
   config.data.max_bytes = 60_000
@@ -221,20 +250,53 @@ def test_language_model_export(tmp_path):
   config.train.num_steps = 4
   train.train_and_evaluate(config, str(tmp_path / "run"), jax.devices()[:1])
   result = export.export(str(tmp_path / "run"), str(tmp_path / "models"), max_new_tokens=5)
-  assert result.signatures == ["serving_default", "generate"]
-  assert result.parity["generate/tokens"] == 0.0
+  assert result.signatures == ["serving_default", "generate", "sample", "generate_text"]
+  assert result.parity["generate/tokens"] == result.parity["sample/tokens"] == 0.0
   model = loading.load(str(tmp_path / "run"))
-  loaded = tf.saved_model.load(result.path)
+  vocab = model.data_spec.vocab_size
+  signatures = tf.saved_model.load(result.path).signatures
   prompt = np.array([list(b"def main():\n  ret")], np.int32)  # Any batch and length serve.
-  log_probs = loaded.signatures["serving_default"](tokens=tf.constant(prompt))["log_probs"].numpy()
-  expected = jax.nn.log_softmax(model.model.apply(model.variables, prompt)[:, -1, :259])
+  log_probs = signatures["serving_default"](tokens=tf.constant(prompt))["log_probs"].numpy()
+  expected = jax.nn.log_softmax(model.model.apply(model.variables, prompt)[:, -1, :vocab])
   np.testing.assert_allclose(log_probs, expected, rtol=1e-5, atol=1e-5)
-  generated = loaded.signatures["generate"](tokens=tf.constant(prompt))["tokens"].numpy()
-  from models import decoding
 
-  np.testing.assert_array_equal(
-    generated,
-    decoding.generate(
-      model.model, model.variables["params"], prompt, jax.random.PRNGKey(0), max_new_tokens=5
-    ),
-  )
+  def alone(tokens):
+    return decoding.generate(
+      model.model,
+      model.variables["params"],
+      np.asarray([tokens], np.int32),
+      jax.random.PRNGKey(0),
+      max_new_tokens=5,
+      vocab_size=vocab,
+    )[0]
+
+  # Ragged prompts, right-padded with PAD, each continue as they would alone.
+  texts = [b"d", b"impor", b"def main("]
+  padded = np.full((3, 9), text_data.PAD_ID, np.int32)
+  for row, text in enumerate(texts):
+    padded[row, : len(text)] = list(text)
+  generated = signatures["generate"](tokens=tf.constant(padded))["tokens"].numpy()
+  for row, text in enumerate(texts):
+    np.testing.assert_array_equal(generated[row], alone(list(text)), err_msg=text)
+  # Text in, text out: the same continuation as bytes, cut at EOS.
+  served_text = signatures["generate_text"](text=tf.constant(texts))["text"].numpy()
+  for row, text in enumerate(served_text):
+    tokens = list(generated[row])
+    cut = tokens[: tokens.index(text_data.EOS_ID)] if text_data.EOS_ID in tokens else tokens
+    assert text == bytes(t for t in cut if t < 256)
+
+  def sample(seeds, temperature):
+    return signatures["sample"](
+      tokens=tf.constant(padded),
+      temperature=tf.constant([temperature] * 3, tf.float32),
+      top_k=tf.constant([0, 0, 0], tf.int32),
+      seed=tf.constant(seeds, tf.int32),
+    )["tokens"].numpy()
+
+  np.testing.assert_array_equal(sample([1, 2, 3], 0.0), generated)  # Temperature 0 is greedy.
+  hot = sample([1, 2, 3], 1.5)
+  np.testing.assert_array_equal(hot, sample([1, 2, 3], 1.5))  # A fixed seed repeats.
+  assert not np.array_equal(hot, sample([4, 5, 6], 1.5))
+  with open(os.path.join(result.path, "assets.extra", "manifest.json")) as f:
+    docs = json.load(f)["signatures"]
+  assert f"right-pad the shorter ones with PAD ({text_data.PAD_ID})" in docs["generate"]

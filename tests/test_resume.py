@@ -32,10 +32,26 @@ def _run(args, **kwargs):
   )
 
 
-def test_sigkill_during_save_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """The OVERRIDES run trained in one go (asynchronous saves): what every resume must equal."""
+  workdir = tmp_path_factory.mktemp("straight")
+  assert train.train_and_evaluate(smoke_config(OVERRIDES), str(workdir)).step == 12
+  return restore_latest(smoke_config(OVERRIDES), workdir)
+
+
+def test_synchronous_saves_resume_exactly(straight_run, tmp_path):
+  sync = {**OVERRIDES, "checkpoint.async_save": False}
+  first = train.train_and_evaluate(smoke_config({**sync, "train.num_steps": 8}), str(tmp_path))
+  assert first.step == 8 and checkpointing.existing_steps(str(tmp_path)) == [4, 8]
+  assert train.train_and_evaluate(smoke_config(sync), str(tmp_path)).step == 12
+  step, state, data = restore_latest(smoke_config(sync), tmp_path)
+  assert (step, data) == straight_run[::2]
+  jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])  # Bitwise.
+
+
+def test_sigkill_during_save_resumes_exactly(straight_run, tmp_path):
   config = smoke_config(OVERRIDES)
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  assert straight.step == 12
 
   killed = tmp_path / "killed"
   proc = _run(
@@ -53,7 +69,7 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
 
   resumed = train.train_and_evaluate(smoke_config(OVERRIDES), str(killed))
   assert resumed.step == 12
-  step_a, state_a, data_a = restore_latest(config, tmp_path / "straight")
+  step_a, state_a, data_a = straight_run
   step_b, state_b, data_b = restore_latest(config, killed)
   assert step_a == step_b == 12
   assert data_a == data_b  # The data stream continued where the checkpoint left it.

@@ -57,8 +57,16 @@ def test_metrics_tensorboard_and_manifest(smoke_config, tmp_path):
   ):
     assert tag in scalars, tag
   logged_steps = [e.step for e in events.Scalars("train/loss")]
-  assert logged_steps == [5, 10, 15, 20]
-  assert [e.step for e in events.Scalars("eval/accuracy")] == [10, 20]
+  num_steps, every = smoke_config.train.num_steps, smoke_config.train.log_every_steps
+  assert logged_steps == list(range(every, num_steps + 1, every)) == sorted(result.logged_losses)
+  eval_every = smoke_config.eval.every_steps
+  evals = list(range(eval_every, num_steps + 1, eval_every))
+  assert [e.step for e in events.Scalars("eval/accuracy")] == evals
+  # The test split is scored once, at the end, apart from the validation evals.
+  assert [e.step for e in events.Scalars("test/accuracy")] == [num_steps]
+  assert events.Scalars("test/accuracy")[-1].value == pytest.approx(
+    result.test_metrics["test/accuracy"]
+  )
   assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(
     result.eval_metrics["eval/accuracy"]
   )

@@ -1,17 +1,28 @@
-"""One Orbax CheckpointManager for the train state, the data iterator and the config.
+"""The one owner of the checkpoint format: Orbax CheckpointManagers over a run's workdir.
 
 Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config,data_spec,loop_state,metrics}`.
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves only complete steps behind (the partial one is cleaned up on the next
-start).
+start). No other module reads these directories.
+
+Public API:
+  * training: `Checkpointer` (save/restore the train state and data iterator),
+    `existing_steps`, `check_compatible`;
+  * everything after training (export, evaluation, registry, gate, batch inference):
+    `read_run_info(workdir)` (steps, latest and best step as Orbax tracks them, config,
+    data spec), `resolve_step(workdir, "best" | "latest" | int | None)` and
+    `restore_for_inference(workdir, step)` -> `InferenceModel` (params, or the EMA copy when
+    training kept one, plus the model's state, on any device, without the optimizer state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
 import ml_collections
@@ -20,6 +31,9 @@ from absl import logging
 from etils import epath
 from flax import serialization
 
+import models
+from trainer import tasks
+from trainer.data.dataset import DataSpec
 from trainer.errors import ConfigError
 from trainer.train_state import TrainState
 
@@ -55,11 +69,10 @@ class Checkpointer:
     *,
     best_metric: str,
     best_mode: str,
-    data_spec: dict | None = None,
+    data_spec: DataSpec | None = None,
   ):
-    self.best_metric = best_metric
     # Saved with every step, so inference (export) needs the checkpoint alone, not the data.
-    self.data_spec = data_spec or {}
+    self.data_spec = data_spec.to_json() if data_spec else {}
     policies = [ocp.checkpoint_managers.LatestN(n=config.keep_last)]
     if config.keep_best > 0:
       policies.append(
@@ -70,6 +83,7 @@ class Checkpointer:
           keep_checkpoints_without_metrics=False,
         )
       )
+    self._tracks_best = config.keep_best > 0
     # Metrics are recorded (and best_step tracked) only when keeping the best; otherwise Orbax
     # would warn at every save that no metrics came with it.
     tracking = (
@@ -89,7 +103,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self._manager.best_step()
+    """The best step by the tracked metric; None when not keeping the best (Orbax would answer
+    the latest step then) or no step carries metrics yet."""
+    return self._manager.best_step() if self._tracks_best else None
 
   def save(
     self,
@@ -99,7 +115,13 @@ class Checkpointer:
     metrics: dict[str, float] | None = None,
     loop_state: dict | None = None,
   ) -> None:
-    """Starts saving at `state.step`; returns once the arrays are copied off the device."""
+    """Starts saving at `state.step`; returns once the arrays are copied off the device.
+
+    Every process must call it at the same step (Orbax writes each process's shards and
+    synchronizes them); the caller has checked the state is finite. With async saving the
+    write finishes in the background: call `wait_until_finished` (or `close`) before reading
+    the step back. `metrics` (the eval metrics of this step) rank it for keep_best.
+    """
     step = int(jax.device_get(state.step))
     self._manager.save(
       step,
@@ -193,9 +215,16 @@ def check_compatible(
   )
 
 
-def _manager(directory: str, *, read_only: bool, async_save: bool = False, **options):
+def _manager(
+  directory: str,
+  *,
+  read_only: bool,
+  async_save: bool = False,
+  state_handler: ocp.CheckpointHandler | None = None,
+  **options,
+) -> ocp.CheckpointManager:
   handlers = {
-    "state": ocp.StandardCheckpointHandler(),
+    "state": state_handler or ocp.StandardCheckpointHandler(),
     "data_iter": grain.checkpoint.CheckpointHandler(),
     "config": ocp.JsonCheckpointHandler(),
     "loop_state": ocp.JsonCheckpointHandler(),
@@ -231,3 +260,181 @@ def _config_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
       if before.get(key) != now.get(key):
         diffs.append(f"config.{section}.{key} was {before.get(key)!r}, now {now.get(key)!r}")
   return diffs
+
+
+# --- Reading a finished (or running) run: export, evaluation, registry, gate -------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What a workdir's checkpoints say about the run, read without restoring any array."""
+
+  workdir: str
+  # Complete steps, ascending.
+  steps: list[int]
+  latest_step: int
+  # The best step by `best_metric` as Orbax tracks it; None when the run kept no best
+  # (checkpoint.keep_best=0, or no step carries eval metrics yet).
+  best_step: int | None
+  # e.g. "eval/accuracy" (the validation split's), and "max" or "min".
+  best_metric: str
+  best_mode: str
+  # The config and data spec saved with the latest step.
+  config: ml_collections.ConfigDict
+  data_spec: DataSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class StepChoice:
+  step: int
+  # "best", "latest" or "requested": how the step was chosen, for messages.
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+  """A restored model, ready for `model.apply(variables, ...)`."""
+
+  model: nn.Module
+  # {"params": ..., **non-parameter collections}: what `model.apply` takes.
+  variables: dict
+  config: ml_collections.ConfigDict
+  data_spec: DataSpec
+  step: int
+  # The eval metrics saved with this step, if any.
+  metrics: dict | None
+
+  @property
+  def task(self) -> tasks.Task:
+    return tasks.for_spec(self.data_spec)
+
+
+def read_run_info(workdir: str) -> RunInfo:
+  """The steps, latest and best step, config and data spec of the run in `workdir`.
+
+  Raises ConfigError when `workdir` does not exist or holds no complete checkpoint, or its
+  checkpoints predate data specs.
+  """
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} does not exist; give the directory a run trained into")
+  directory = checkpoint_dir(workdir)
+  steps = existing_steps(workdir)
+  if not steps:
+    raise ConfigError(f"{workdir} holds no complete checkpoint (looked in {directory})")
+  config, data_spec, _ = read_step_items(workdir, steps[-1])
+  best_metric, best_mode = f"eval/{config.eval.best_metric}", config.eval.best_mode
+  tracking = {}
+  if config.checkpoint.keep_best > 0:
+    tracking = dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
+  with _manager(directory, read_only=True, **tracking) as manager:
+    best = manager.best_step() if tracking else None
+    latest = manager.latest_step()
+  return RunInfo(
+    workdir=os.path.abspath(workdir),
+    steps=steps,
+    latest_step=latest,
+    best_step=best,
+    best_metric=best_metric,
+    best_mode=best_mode,
+    config=config,
+    data_spec=data_spec,
+  )
+
+
+def read_step_items(
+  workdir: str, step: int
+) -> tuple[ml_collections.ConfigDict, DataSpec, dict | None]:
+  """(config, data spec, eval metrics or None) saved with `step`. Checkpoints of older versions
+  (an untyped data-spec dict) read as well; ConfigError when the step has no data spec."""
+  with _manager(checkpoint_dir(workdir), read_only=True) as manager:
+    items = manager.item_metadata(step)
+    if "data_spec" not in items:  # JSON items have no metadata, only their presence.
+      raise ConfigError(f"step {step} in {workdir} has no data_spec; it predates export support")
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(config=ocp.args.JsonRestore(), data_spec=ocp.args.JsonRestore()),
+    )
+    metrics = manager.metrics(step)
+  try:
+    data_spec = DataSpec.from_json(restored["data_spec"])
+  except ValueError as e:
+    raise ConfigError(f"step {step} in {workdir}: unreadable data_spec ({e})") from e
+  return ml_collections.ConfigDict(restored["config"]), data_spec, metrics
+
+
+def resolve_step(workdir: str, step: str | int | None = None) -> StepChoice:
+  """The step `step` names: "best" (by the run's eval.best_metric, as Orbax tracked it),
+  "latest", a saved step number, or None: the best step when the run kept one, else the latest.
+
+  Raises ConfigError naming the available steps.
+  """
+  info = read_run_info(workdir)
+  if step is None:
+    step = "best" if info.best_step is not None else "latest"
+  if step == "latest":
+    return StepChoice(info.latest_step, "latest")
+  if step == "best":
+    if info.best_step is None:
+      raise ConfigError(
+        f"no checkpoint in {workdir} carries eval metrics (checkpoint.keep_best was 0?); "
+        f"use --step=latest or one of {info.steps}"
+      )
+    return StepChoice(info.best_step, "best")
+  if not str(step).isdigit() or int(step) not in info.steps:
+    raise ConfigError(
+      f"--step={step} is not a saved step; choose latest, best or one of {info.steps}"
+    )
+  return StepChoice(int(step), "requested")
+
+
+def restore_for_inference(
+  workdir: str, step: str | int | None = None, device: jax.Device | None = None
+) -> InferenceModel:
+  """Restores step `step` (see resolve_step) of the run in `workdir` onto `device` (default:
+  this process's first device), whatever mesh wrote it: the parameters (the EMA copy when
+  training kept one) and the model's non-parameter state, not the optimizer state.
+
+  Call it from any single process; raises ConfigError for a missing run or step.
+  """
+  step_number = resolve_step(workdir, step).step
+  config, data_spec, metrics = read_step_items(workdir, step_number)
+  model = models.get_model(config.model, num_outputs=data_spec.num_classes)
+  abstract = _abstract_variables(model, data_spec, device or jax.local_devices()[0])
+  with _manager(
+    checkpoint_dir(workdir), read_only=True, state_handler=ocp.PyTreeCheckpointHandler()
+  ) as manager:
+    saved = manager.item_metadata(step_number)["state"]
+    params_key = "ema_params" if jax.tree.leaves(saved.get("ema_params")) else "params"
+    model_state = {k: v for k, v in abstract.items() if k != "params"}
+    target = {params_key: abstract["params"], "model_state": model_state}
+    restored = manager.restore(
+      step_number,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        )
+      ),
+    )["state"]
+  return InferenceModel(
+    model=model,
+    variables={"params": restored[params_key], **restored["model_state"]},
+    config=config,
+    data_spec=data_spec,
+    step=step_number,
+    metrics=metrics,
+  )
+
+
+def _abstract_variables(model: nn.Module, data_spec: DataSpec, device: jax.Device) -> dict:
+  """Shapes of the model's variables, placed on `device`."""
+  task = tasks.for_spec(data_spec)
+  args, kwargs = task.model_inputs(task.init_batch())
+  shapes = jax.eval_shape(
+    lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args, train=False, **kwargs))
+  )
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes)
+  )

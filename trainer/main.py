@@ -141,10 +141,11 @@ def _report_error(error: Exception) -> int:
 def _print_summary(result) -> None:
   status = "preempted" if result.preempted else "stopped early" if result.stopped_early else "done"
   lines = [f"training {status} at step {result.step}"]
-  lines += [
-    f"test {name.removeprefix('eval/')}: {value:.4f}"
-    for name, value in sorted(result.eval_metrics.items())
-  ]
+  # The test split when the data has one (never used to pick a checkpoint), else validation.
+  held_out = result.test_metrics or {
+    name.replace("eval/", "validation/"): value for name, value in result.eval_metrics.items()
+  }
+  lines += [f"{name.replace('/', ' ')}: {value:.4f}" for name, value in sorted(held_out.items())]
   lines += [
     f"best checkpoint step: {result.best_checkpoint_step}",
     f"workdir: {result.workdir}",

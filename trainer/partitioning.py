@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,7 +74,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules) -> object:
+def logical_to_shardings(
+  boxed_abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str | Sequence[str] | None]]
+) -> Any:
   """NamedShardings for the unboxed version of a tree of `nn.Partitioned` abstract values.
 
   A dimension that the mapped mesh axes do not divide is replicated instead (with a warning),
@@ -115,7 +118,7 @@ def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules) -> object:
   return shardings
 
 
-def check_sharding(tree, expected_shardings) -> None:
+def check_sharding(tree: Any, expected_shardings: Any) -> None:
   """Raises if any array in `tree` is not laid out as `expected_shardings` says."""
   wrong = []
 

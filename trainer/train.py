@@ -33,8 +33,8 @@ from trainer import (
   tracking,
   watchdog,
 )
+from trainer.data import Dataset, load_dataset
 from trainer.data import pipeline as input_pipeline
-from trainer.data.sources import Dataset, load_dataset
 from trainer.errors import ConfigError
 from trainer.metrics import MetricWriter, ProgressLogger, StepMetrics
 from trainer.optimizers import Optimizer, create_optimizer
@@ -50,7 +50,10 @@ class TrainResult:
   train_metrics: dict[str, float]
   # Mean train loss of each logging interval, by the step that closed it.
   logged_losses: dict[int, float]
+  # Metrics of the last eval on the validation split (`eval/...`, what picks the best step).
   eval_metrics: dict[str, float]
+  # The final state's metrics on the test split (`test/...`); empty when the data has none.
+  test_metrics: dict[str, float]
   best_checkpoint_step: int | None
   # Training throughput after the first (compiling) step, eval time excluded.
   steps_per_sec: float
@@ -115,10 +118,10 @@ def build_experiment(
   )
   _validate_loop_config(config, data_parallel)
   dataset = load_dataset(config.data)
-  task = tasks.for_dataset(dataset)
+  task = tasks.for_spec(dataset.spec)
   _validate_eval_metric(config.eval, task)
   try:
-    model = models.get_model(config.model, num_outputs=dataset.num_classes)
+    model = models.get_model(config.model, num_outputs=dataset.spec.num_classes)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   optimizer = create_optimizer(config.optim, config.train.num_steps)
@@ -177,7 +180,7 @@ def build_experiment(
       eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
     ),
     flops_per_step=perf.model_flops_per_step(
-      model, dataset.input_shape, config.train.global_batch_size
+      model, dataset.spec.input_shape, config.train.global_batch_size
     ),
   )
 
@@ -230,7 +233,7 @@ def train_and_evaluate(
       config.checkpoint,
       best_metric=f"eval/{config.eval.best_metric}",
       best_mode=config.eval.best_mode,
-      data_spec=experiment.dataset.spec(),
+      data_spec=experiment.dataset.spec,
     )
     if config.checkpoint.enabled
     else None
@@ -289,14 +292,16 @@ def _initial_state(
   return state, data_iterator, loop_state
 
 
-def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
-  """The task's metrics over the eval split: every example exactly once, or the first
-  `config.eval.max_batches` batches when that is set."""
+def evaluate(
+  experiment: Experiment, state: TrainState, split: str = "validation"
+) -> dict[str, float]:
+  """The task's metrics over `split` as `eval/<name>` (validation) or `<split>/<name>`: every
+  example exactly once, or the first `config.eval.max_batches` batches when that is set."""
   totals = None
   in_flight = watchdog.InFlightWindow(2)  # Each batch is several executions per device.
   for index, batch in enumerate(
     input_pipeline.eval_batches(
-      experiment.dataset.eval,
+      experiment.dataset.split(split),
       global_batch_size=experiment.config.eval.global_batch_size,
       sharding=experiment.batch_sharding,
       max_batches=experiment.config.eval.max_batches,
@@ -306,7 +311,8 @@ def evaluate(experiment: Experiment, state: TrainState) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     in_flight.push(index, totals)
   metrics = experiment.task.metrics(jax.device_get(totals))
-  return {f"eval/{name}": float(value) for name, value in metrics.items()}
+  prefix = "eval" if split == "validation" else split
+  return {f"{prefix}/{name}": float(value) for name, value in metrics.items()}
 
 
 class _EarlyStopping:
@@ -368,10 +374,9 @@ class _TrainLoop:
     self.eval_metrics: dict[str, float] = {}
     self.eval_seconds = 0.0
     self.watchdog = watchdog.StepWatchdog.from_config(self.config.train)
-    is_lm = experiment.dataset.kind == "language_model"
     self.perf_args = dict(
       global_batch=self.config.train.global_batch_size,
-      tokens_per_example=experiment.dataset.input_shape[0] if is_lm else None,
+      tokens_per_example=experiment.task.tokens_per_example,
       flops_per_step=experiment.flops_per_step,
       num_devices=experiment.mesh.size,
       peak=perf.peak_tflops(
@@ -426,6 +431,10 @@ class _TrainLoop:
           self.checkpointer.wait_until_finished()
     if not self.eval_metrics:  # The workdir's run had already finished: report its final state.
       self.eval_metrics = evaluate(self.experiment, state)
+    test_metrics = {}
+    if self.experiment.dataset.test is not None:
+      test_metrics = evaluate(self.experiment, state, "test")
+      self.writer.write_scalars(step, test_metrics)
     self.writer.flush()
     if preempted:
       logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", step)
@@ -435,6 +444,7 @@ class _TrainLoop:
       train_metrics=self.train_metrics,
       logged_losses=self.logged_losses,
       eval_metrics=self.eval_metrics,
+      test_metrics=test_metrics,
       best_checkpoint_step=self.checkpointer.best_step() if self.checkpointer else None,
       steps_per_sec=steps_timed / seconds if steps_timed > 0 and seconds > 0 else float("nan"),
       preempted=preempted,

@@ -2,6 +2,9 @@ r"""Exports a trained checkpoint as a TF SavedModel version that TF Serving can 
 
   python -m serving.export --workdir=/tmp/run1 --export_base=/models/digits \
       [--version=7] [--step=best|latest|1200]
+
+The step defaults to the run's best checkpoint (by eval.best_metric on the validation split)
+when it kept one (checkpoint.keep_best > 0), else the latest; the output says which.
   python -m serving.export --check_tf_serving=2.19 --saved_model=/models/digits/1
 
 Writes `<export_base>/<version>/` (the layout `tensorflow_model_server --model_base_path` reads)
@@ -21,7 +24,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 from serving.export import compatibility, loading, parity, signatures
@@ -40,6 +42,8 @@ class ExportResult:
   path: str
   version: int
   step: int
+  # How the step was chosen: "best", "latest" or "requested".
+  step_reason: str
   signatures: list[str]
   # Worst relative error of each float output in the parity gate.
   parity: dict[str, float]
@@ -56,24 +60,26 @@ def export(
   workdir: str,
   export_base: str,
   *,
-  step: str = "latest",
+  step: str | int | None = None,
   version: int | None = None,
   max_new_tokens: int = 32,
   platforms: tuple[str, ...] = ("cpu",),
   calling_convention_version: int | None = None,
 ) -> ExportResult:
-  """Exports step `step` of the run in `workdir` as `<export_base>/<version>`.
+  """Exports step `step` of the run in `workdir` as `<export_base>/<version>`: "best",
+  "latest", a step number, or None for the best step when the run kept one, else the latest.
 
   Raises ConfigError for a missing workdir or step, an unwritable base or an existing version;
   parity.ParityError when the SavedModel's outputs differ from JAX's. Either way nothing is
   left in `export_base`.
   """
   start = time.perf_counter()
-  loading.resolve_step(workdir, step)  # Fail on a bad workdir or step before touching the base.
+  # Fail on a bad workdir or step before touching the base.
+  choice = loading.resolve_step(workdir, step)
   if version is not None and version < 1:
     raise ConfigError(f"--version={version} must be a positive integer")
   _prepare_base(export_base)
-  model = loading.load(workdir, step)
+  model = loading.load(workdir, choice.step)
   version = version if version is not None else next_version(export_base)
   final_path = os.path.join(export_base, str(version))
   if os.path.exists(final_path):
@@ -98,6 +104,7 @@ def export(
     path=final_path,
     version=version,
     step=model.step,
+    step_reason=choice.reason,
     signatures=[s.name for s in signature_list],
     parity=errors,
     seconds=time.perf_counter() - start,
@@ -133,31 +140,17 @@ class _calling_convention:
 def build_signatures(
   model: loading.InferenceModel, max_new_tokens: int
 ) -> list[signatures.Signature]:
-  golden = _golden_inputs(model)
-  if model.data_spec["kind"] == "language_model":
-    return signatures.language_model_signatures(model, golden, max_new_tokens=max_new_tokens)
-  return signatures.classifier_signatures(model, golden)
+  """The signatures the model's task serves, with golden inputs from its held-out data."""
+  from trainer.data import load_dataset
 
-
-def _golden_inputs(model: loading.InferenceModel) -> np.ndarray:
-  """The first eval examples (or, when the data is not at hand, seeded random ones)."""
-  from trainer.data.sources import load_dataset
-
-  spec = model.data_spec
   try:
     dataset = load_dataset(model.config.data)
-    batch = dataset.eval.take(np.arange(min(NUM_GOLDEN, len(dataset.eval))))
-    if spec["kind"] == "language_model":
-      return batch["inputs"][:, : min(16, spec["input_shape"][0])]
-    return batch["inputs"]
   except (ConfigError, OSError) as e:
-    logging.warning("Eval data unavailable (%s); golden inputs are seeded random ones.", e)
-  rng = np.random.default_rng(0)
-  if spec["kind"] == "language_model":
-    return rng.integers(0, 256, (NUM_GOLDEN, 16)).astype(np.int32)
-  return (spec["mean"] + spec["std"] * rng.random((NUM_GOLDEN, *spec["input_shape"]))).astype(
-    np.float32
-  )
+    logging.warning("Held-out data unavailable (%s); golden inputs are seeded random ones.", e)
+    dataset = None
+  task = model.task
+  golden = task.golden_inputs(dataset, NUM_GOLDEN)
+  return task.serving_signatures(model, golden, max_new_tokens=max_new_tokens)
 
 
 def _save_saved_model(model, signature_list, path: str, platforms: tuple[str, ...]) -> None:
@@ -234,7 +227,7 @@ def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -
     "checkpoint_step": model.step,
     "eval_metrics": model.metrics,
     "config": model.config.to_dict(),
-    "data_spec": model.data_spec,
+    "data_spec": model.data_spec.to_json(),
     "data_fingerprint": run_manifest.get("data_fingerprint"),
     "git": run_manifest.get("git"),
     "training_packages": run_manifest.get("packages"),
@@ -278,7 +271,12 @@ def _write_warmup_requests(path: str, signature_list) -> None:
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run to export.")
 _EXPORT_BASE = flags.DEFINE_string("export_base", None, "Model base path; versions go below it.")
 _VERSION = flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
-_STEP = flags.DEFINE_string("step", "latest", "latest, best (by eval.best_metric) or a step.")
+_STEP = flags.DEFINE_string(
+  "step",
+  None,
+  "best (by eval.best_metric), latest or a step number; default: best when the run kept one "
+  "(checkpoint.keep_best > 0), else latest.",
+)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
   "max_new_tokens", 32, "Language models: tokens `generate` emits."
 )
@@ -322,13 +320,23 @@ def main(argv: list[str]) -> None:
   except (ConfigError, parity.ParityError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"exported step {result.step} to {result.path} in {result.seconds:.1f} s")
+  print(
+    f"exported step {result.step} ({_STEP_REASONS[result.step_reason]}) to {result.path} "
+    f"in {result.seconds:.1f} s"
+  )
   print(f"signatures: {', '.join(result.signatures)}")
   print(
     "parity (max relative error): " + ", ".join(f"{k} {v:.2e}" for k, v in result.parity.items())
   )
   if _CHECK_TF_SERVING.value:
     _print_compatibility(result.path, _CHECK_TF_SERVING.value)
+
+
+_STEP_REASONS = {
+  "best": "the best checkpoint; --step=latest for the last",
+  "latest": "the latest checkpoint",
+  "requested": "as requested",
+}
 
 
 def _print_compatibility(path: str, release: str) -> None:

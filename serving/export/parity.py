@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+  from serving.export.signatures import Signature
 
 # Largest allowed max|SavedModel - JAX| / max|JAX| per float output. float32 programs differ only
 # by XLA version (TF's bundled XLA against jaxlib's); bfloat16 compute rounds at every op, so two
@@ -15,7 +20,9 @@ class ParityError(AssertionError):
   """An exported signature's output differs from the JAX function's beyond tolerance."""
 
 
-def check(path: str, variables: dict, signature_list, *, dtype: str) -> dict[str, float]:
+def check(
+  path: str, variables: dict, signature_list: list[Signature], *, dtype: str
+) -> dict[str, float]:
   """Runs every signature's golden inputs through TF and JAX; returns each float output's worst
   relative error. Raises ParityError naming the worst element's position and both values."""
   import tensorflow as tf
