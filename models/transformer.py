@@ -65,7 +65,15 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    valid: jax.Array | None = None,
+  ) -> jax.Array:
+    """`valid` (batch, length), decoding only: which tokens of this chunk are real (padding
+    is written to the cache but never attended to)."""
     dense = functools.partial(
       nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32, use_bias=False
     )
@@ -83,7 +91,7 @@ class Attention(nn.Module):
     q = rotary_embedding(q, positions, self.rope_theta)
     k = rotary_embedding(k, positions, self.rope_theta)
     if self.decode:
-      k, v, mask = self._update_cache(k, v)
+      k, v, mask = self._update_cache(k, v, valid)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return nn.DenseGeneral(
@@ -96,25 +104,33 @@ class Attention(nn.Module):
       name="out",
     )(out)  # (batch, length, embed)
 
-  def _update_cache(self, k: jax.Array, v: jax.Array):
+  def _update_cache(self, k: jax.Array, v: jax.Array, valid: jax.Array | None):
     """Writes this chunk's keys/values at the cache index; returns the full cache and its mask.
 
     The cache is sized at init (the length of the input then is the maximum decode length).
+    Each row's mask is causal over the cache and skips the slots written as padding, so a
+    padded prompt attends to exactly the keys it would alone.
     """
+    batch, chunk = k.shape[:2]
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (batch, chunk), bool)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if self.is_initializing():
       return k, v, None
-    chunk, max_len = k.shape[1], cached_k.value.shape[1]
+    if valid is None:
+      valid = jnp.ones((batch, chunk), bool)
+    max_len = cached_k.value.shape[1]
     start = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, start))
     index.value = start + chunk
     query_pos = start + jnp.arange(chunk)  # (chunk,)
     key_pos = jnp.arange(max_len)  # (max_len,)
-    mask = key_pos[None, :] <= query_pos[:, None]  # (chunk, max_len): causal over what is cached.
-    return cached_k.value, cached_v.value, mask[None, None]
+    causal = key_pos[None, :] <= query_pos[:, None]  # (chunk, max_len): over what is cached.
+    mask = causal[None, None] & cached_valid.value[:, None, None, :]  # (batch, 1, chunk, max_len)
+    return cached_k.value, cached_v.value, mask
 
 
 class MLP(nn.Module):
@@ -140,7 +156,13 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    valid: jax.Array | None = None,
+  ) -> jax.Array:
     attention = Attention(
       self.num_heads,
       self.num_kv_heads,
@@ -150,7 +172,7 @@ class DecoderBlock(nn.Module):
       self.decode,
       name="attention",
     )
-    x = x + attention(RMSNorm(self.dtype, name="attention_norm")(x), positions, mask)
+    x = x + attention(RMSNorm(self.dtype, name="attention_norm")(x), positions, mask, valid)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = x + MLP(self.mlp_dim, self.dtype, name="mlp")(RMSNorm(self.dtype, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -182,7 +204,8 @@ class TransformerLM(nn.Module):
     """Logits (batch, length, vocab) for `tokens` (batch, length).
 
     `segment_ids` keep attention inside each packed document; without them attention is
-    plainly causal. Positions default to 0..length-1; decoding passes each chunk's own.
+    plainly causal. Positions default to 0..length-1; decoding passes each chunk's own, and
+    its `segment_ids` mark real tokens (non-zero) against padding (0).
     """
     del train  # No dropout: large-LM pretraining does without it.
     if positions is None:
@@ -198,8 +221,10 @@ class TransformerLM(nn.Module):
     )
     x = embed(tokens)  # (batch, length, embed)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    mask = None
-    if segment_ids is not None and not decode:
+    mask = valid = None
+    if decode and segment_ids is not None:
+      valid = segment_ids != 0
+    elif segment_ids is not None:
       same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (batch, length, length)
       causal = jnp.tril(jnp.ones((tokens.shape[1], tokens.shape[1]), bool))
       mask = (same_doc & causal)[:, None]  # (batch, 1, length, length)
@@ -216,7 +241,7 @@ class TransformerLM(nn.Module):
         self.dtype,
         decode,
         name=f"block_{i}",
-      )(x, positions, mask)
+      )(x, positions, mask, valid)
     x = RMSNorm(self.dtype, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
