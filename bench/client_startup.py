@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,13 +45,18 @@ def _export_smoke_model(root: str) -> str:
   return base
 
 
-def _seconds(command: list[str]) -> float:
+def _seconds(command: list[str]) -> tuple[float, float]:
+  """(wall, CPU) seconds of one run of `command`; CPU (user + system) is what a busy machine
+  does not inflate."""
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   seconds = time.perf_counter() - start
-  if proc.returncode != 0:
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  if proc.returncode not in ((0, 1) if "--help" in command else (0,)):  # absl: --help exits 1
     raise RuntimeError(f"{command} failed:\n{proc.stderr[-2000:]}")
-  return seconds
+  return seconds, cpu
 
 
 def _commands(root: str, port: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -88,12 +94,23 @@ def main(argv: list[str]) -> None:
         for what, (old, new) in commands.items():
           times[what][0].append(_seconds(old))
           times[what][1].append(_seconds(new))
-  print(f"cpus: {os.cpu_count()}; {_REPEATS.value} calls each, alternating; median wall seconds")
-  print(f"| command | before ({_OLD_COMMIT.value}, imports TensorFlow) | now | now / before |")
+  load = os.getloadavg()[0]
+  print(
+    f"cpus: {os.cpu_count()}, load average {load:.1f}; {_REPEATS.value} calls each, alternating"
+  )
+  print(
+    f"| command | before ({_OLD_COMMIT.value}, imports TensorFlow): wall / CPU s | now: wall / CPU s"
+    " | now / before (wall, CPU) |"
+  )
   print("|---|---|---|---|")
   for what, (old, new) in times.items():
-    old_s, new_s = statistics.median(old), statistics.median(new)
-    print(f"| {what} | {old_s:.2f} | {new_s:.2f} | {new_s / old_s:.2f} |")
+    (old_wall, old_cpu), (new_wall, new_cpu) = (
+      [statistics.median(column) for column in zip(*runs, strict=True)] for runs in (old, new)
+    )
+    print(
+      f"| {what} | {old_wall:.2f} / {old_cpu:.2f} | {new_wall:.2f} / {new_cpu:.2f} | "
+      f"{new_wall / old_wall:.2f}, {new_cpu / old_cpu:.2f} |"
+    )
 
 
 if __name__ == "__main__":
