@@ -1,10 +1,16 @@
 """Config-file arguments: one convention (short or full model names, `smoke`, combined forms)
 and a ConfigError naming the valid choices for anything else."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from configs import digits_cnn, lm, resnet
 from trainer.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -47,8 +53,12 @@ def test_smoke_shrinks_every_config_alone_or_combined(module, full, smoke):
   [
     (resnet, "variant=huge", "unknown variant 'huge'; choose one of tiny (resnet_tiny), 18"),
     (lm, "size=2b", "unknown size '2b'; choose one of tiny (lm_tiny), 125m (lm_125m)"),
-    (lm, "sise=tiny", "unknown config argument 'sise' in 'sise=tiny'; valid arguments: ['size'"),
-    (digits_cnn, "smok", "unknown config argument 'smok' in 'smok'; valid arguments: ['smoke']"),
+    (lm, "sise=tiny", "unknown config argument 'sise' in 'sise=tiny'; did you mean 'size'?"),
+    (
+      digits_cnn,
+      "smok",
+      "unknown config argument 'smok' in 'smok'; did you mean 'smoke'? valid arguments: ['smoke']",
+    ),
     (resnet, "smoke=maybe", "config argument smoke='maybe' in 'smoke=maybe' must be true or false"),
   ],
 )
@@ -57,3 +67,27 @@ def test_a_bad_argument_is_a_config_error_naming_the_choices(module, arg, messag
     module.get_config(arg)
   assert message in str(error.value)
   assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    (
+      "configs/resnet.py:variant=huge",
+      "unknown variant 'huge'; choose one of tiny (resnet_tiny), 18 (resnet18), 50 (resnet50)",
+    ),
+    ("configs/lm.py:size=tiny,smoke=maybe", "config argument smoke='maybe'"),
+  ],
+)
+def test_trainer_main_prints_a_bad_argument_as_one_line(config, message, tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "trainer.main", f"--config={config}", f"--workdir={tmp_path / 'run'}"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.startswith(f"error: --config={config}: ") and message in proc.stderr
+  assert proc.stderr.count("\n") == 1
+  assert not (tmp_path / "run").exists()
