@@ -39,9 +39,13 @@ _VERSION_LABEL = flags.DEFINE_string("version_label", "", "Version label instead
 _SIGNATURE = flags.DEFINE_string("signature_name", "", "Signature; default: serving_default.")
 _INPUT = flags.DEFINE_string("input", None, "A .json or .npz file of inputs to Predict.")
 _TEXT = flags.DEFINE_string(
-  "text", None, "A prompt for a language model's generate signature; prints the continuation."
+  "text",
+  None,
+  "A prompt for a language model (its generate or sample signature); prints the continuation.",
 )
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "--text: 0 is greedy.")
+_TEMPERATURE = flags.DEFINE_float(
+  "temperature", 0.0, "--text: 0 is greedy (the generate signature)."
+)
 _TOP_K = flags.DEFINE_integer("top_k", 0, "--text: sample among the k most likely; 0: all.")
 _SEED = flags.DEFINE_integer("seed", 0, "--text: the sampling seed (the same seed repeats).")
 _METADATA = flags.DEFINE_bool("metadata", False, "Print the model's signatures.")
@@ -147,14 +151,8 @@ def _print_status(result: list[dict]) -> None:
 
 
 def _print_text(client: ModelClient, signature_defs: dict) -> None:
-  if lm_text.GENERATE_SIGNATURE not in signature_defs:
-    raise ClientError(
-      f"--text needs a language model with a {lm_text.GENERATE_SIGNATURE!r} signature; "
-      f"{client.connection.model!r} has {sorted(signature_defs)}"
-    )
   sampling = lm_text.Sampling(_TEMPERATURE.value, _TOP_K.value, _SEED.value)
-  signature_def = signature_defs[lm_text.GENERATE_SIGNATURE]
-  generated = lm_text.generate_text(client, signature_def, _TEXT.value, sampling)
+  generated = lm_text.generate_text(client, signature_defs, _TEXT.value, sampling)
   if _JSON.value:
     print(json.dumps(dataclasses.asdict(generated)))
   else:

@@ -1,11 +1,12 @@
-"""Text in, text out for an exported language model's `generate` signature.
+"""Text in, text out for an exported language model's `generate` (greedy) and `sample`
+signatures.
 
 The LMs here are byte-level (trainer.data.text): token ids 0..255 are the UTF-8 bytes of the
-text, 256 is BOS, 257 EOS and 258 PAD. Training documents are packed as `[BOS] bytes [EOS]`, so a
-prompt that starts a document is `[BOS] + its bytes`, and a continuation ends at the first EOS.
-`generate` takes `tokens` int32 [batch, prompt_length] and answers `tokens` int32
-[batch, max_new_tokens]; newer exports also take per-row prompt `lengths` and sampling inputs
-(`temperature`, `top_k`, `seed`), which are filled in when the signature declares them.
+text, 256 is BOS, 257 EOS and 258 PAD. As the export's signature docs say, a prompt is the
+text's bytes (no BOS), and a continuation ends at its first EOS. `generate` takes `tokens` int32
+[batch, prompt_length] and answers `tokens` int32 [batch, max_new_tokens]; `sample` also takes
+per-row `temperature`, `top_k` and `seed`. Inputs a signature declares beyond `tokens` are
+filled from `Sampling` (or the prompt's length, for `lengths`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from serving.model_client import ClientError, ModelClient, numpy_dtype
 
 GENERATE_SIGNATURE = "generate"
+SAMPLE_SIGNATURE = "sample"
 BOS_ID = 256
 EOS_ID = 257
 PAD_ID = 258
@@ -34,8 +36,10 @@ class Sampling:
 
 
 def encode_prompt(text: str) -> np.ndarray:
-  """[BOS] + the UTF-8 bytes of `text`, as int32 token ids."""
-  return np.array([BOS_ID, *text.encode()], np.int32)
+  """The UTF-8 bytes of `text` as int32 token ids. Raises ClientError for an empty prompt."""
+  if not text:
+    raise ClientError("the prompt is empty; give --text some text to continue")
+  return np.array(list(text.encode()), np.int32)
 
 
 def decode_continuation(tokens) -> str:
@@ -50,13 +54,28 @@ def decode_continuation(tokens) -> str:
   return data.decode(errors="replace")
 
 
+def signature_for(sampling: Sampling, signature_names) -> str:
+  """`generate` for greedy decoding, `sample` when `sampling` asks for more. Raises ClientError
+  when the export lacks the one needed."""
+  greedy = sampling.temperature == 0 and sampling.top_k == 0
+  name = (
+    GENERATE_SIGNATURE if greedy or SAMPLE_SIGNATURE not in signature_names else SAMPLE_SIGNATURE
+  )
+  if name not in signature_names:
+    raise ClientError(
+      f"--text needs a language model with a {name!r} signature; the model has "
+      f"{sorted(signature_names)}"
+    )
+  return name
+
+
 def generate_inputs(signature_def, prompt: np.ndarray, sampling: Sampling) -> dict:
-  """The `generate` request for one prompt: `tokens` [1, length], and each optional input the
-  signature declares, as a scalar or one value per row as its shape says. Raises ClientError
-  for an input this client does not know, or sampling asked of an export without it."""
+  """The request for one prompt: `tokens` [1, length], and each other input the signature
+  declares, as a scalar or one value per row as its shape says. Raises ClientError for an
+  input this client does not know, or sampling asked of a signature without it."""
   names = set(signature_def.inputs)
   if "tokens" not in names:
-    raise ClientError(f"the {GENERATE_SIGNATURE} signature takes {sorted(names)}, not tokens")
+    raise ClientError(f"the signature takes {sorted(names)}, not tokens")
   values = {"tokens": prompt[None, :]}
   for name in sorted(names - {"tokens"}):
     if name in _LENGTH_INPUTS:
@@ -64,16 +83,17 @@ def generate_inputs(signature_def, prompt: np.ndarray, sampling: Sampling) -> di
     elif name in ("temperature", "top_k", "seed"):
       value = getattr(sampling, name)
     else:
-      raise ClientError(f"the {GENERATE_SIGNATURE} signature's input {name!r} is not known here")
+      raise ClientError(f"the signature's input {name!r} is not known to this client")
     info = signature_def.inputs[name]
     rank = None if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
     values[name] = np.asarray(value if rank == 0 else [value], numpy_dtype(info.dtype))
-  asked = {f: v for f, v in dataclasses.asdict(sampling).items() if v != 0}
-  missing = sorted(set(asked) - names)
+  asked = {f for f, v in dataclasses.asdict(sampling).items() if v != 0}
+  asked.discard("seed")  # A seed alone changes nothing in greedy decoding.
+  missing = sorted(asked - names)
   if missing:
     raise ClientError(
-      f"this export's {GENERATE_SIGNATURE} is greedy only (no {', '.join(missing)} input); "
-      "re-export the model with a newer serving.export to sample"
+      f"this export decodes greedily only (no {', '.join(missing)} input); re-export the "
+      "model with a newer serving.export to sample"
     )
   return values
 
@@ -86,13 +106,14 @@ class Generated:
 
 
 def generate_text(
-  client: ModelClient, signature_def, text: str, sampling: Sampling = Sampling()
+  client: ModelClient, signature_defs: dict, text: str, sampling: Sampling = Sampling()
 ) -> Generated:
-  """Sends `text` to the `generate` signature (described by `signature_def`, from the server's
-  metadata) as byte tokens, and decodes the answer. Raises ClientError."""
-  inputs = generate_inputs(signature_def, encode_prompt(text), sampling)
-  version, outputs = client.predict(inputs, GENERATE_SIGNATURE)
+  """Sends `text` as byte tokens to `generate` or `sample` (`signature_for`; `signature_defs`
+  from the server's metadata), and decodes the answer. Raises ClientError."""
+  name = signature_for(sampling, signature_defs)
+  inputs = generate_inputs(signature_defs[name], encode_prompt(text), sampling)
+  version, outputs = client.predict(inputs, name)
   if "tokens" not in outputs:
-    raise ClientError(f"{GENERATE_SIGNATURE} answered {sorted(outputs)}, not tokens")
+    raise ClientError(f"{name} answered {sorted(outputs)}, not tokens")
   tokens = outputs["tokens"][0].tolist()
   return Generated(version, tokens, decode_continuation(tokens))

@@ -13,10 +13,9 @@ import pytest
 pytest.importorskip("tensorflow_serving", reason="the serving side needs tensorflow-serving-api")
 
 from configs import lm as lm_config
-from models import decoding
 from serving import lm_text, model_client
 from serving.api_protos import get_model_metadata_pb2, tensor_pb2, types_pb2
-from serving.export import exporter, loading
+from serving.export import exporter
 from tests.helpers import model_server
 from trainer import train
 from trainer.data import text as text_data
@@ -39,13 +38,16 @@ def served(tmp_path_factory):
   exporter.export(str(root / "lm_run"), str(root / "models"), max_new_tokens=MAX_NEW_TOKENS)
   args = ["--model_name=lm", f"--model_base_path={root / 'models'}"]
   with model_server.Server(args, str(root / "server.log"), model_name="lm") as server:
-    yield server, str(root / "lm_run")
+    yield server, str(root / "models" / "1")
 
 
 @pytest.fixture(scope="module")
-def lm_model(served):
-  """The served LM's checkpoint, restored in JAX: what the answers must equal."""
-  return loading.load(served[1])
+def saved_model(served):
+  """The served SavedModel, loaded in this process: what the client's answers must equal (the
+  export's parity gate holds it to the JAX model)."""
+  import tensorflow as tf
+
+  return tf.saved_model.load(served[1])
 
 
 def _client(server, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
@@ -78,61 +80,63 @@ def test_metadata_prints_one_aligned_row_per_tensor(served):
   assert summary["generate"]["inputs"]["tokens"] == {"dtype": "int32", "shape": [-1, -1]}
 
 
-def test_predict_table_and_json_match_jax(served, lm_model, tmp_path):
-  server, model = served[0], lm_model
+def test_predict_table_and_json_match_the_saved_model(served, saved_model, tmp_path):
+  server = served[0]
   prompt = np.array([list(b"import o"), list(b"def f(x)")], np.int32)
-  logits = model.model.apply(model.variables, prompt)[:, -1, : text_data.VOCAB_SIZE]
-  expected = np.asarray(jax.nn.log_softmax(logits))
+  expected = saved_model.signatures["serving_default"](tokens=prompt)["log_probs"].numpy()
   (tmp_path / "prompt.json").write_text(json.dumps({"tokens": prompt.tolist()}))
   args = ("--model=lm", f"--input={tmp_path}/prompt.json")
   answer = json.loads(_ok(_client(server, *args, "--json")))
   assert answer["version"] == 1
-  np.testing.assert_allclose(answer["outputs"]["log_probs"], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(answer["outputs"]["log_probs"], expected, rtol=1e-6, atol=1e-6)
   lines = _ok(_client(server, *args)).splitlines()
   assert lines[:2] == ["version 1", "row  log_probs"]
   first = [float(v) for v in lines[2].split()[1:11]]
   np.testing.assert_allclose(first, expected[0, :10], rtol=1e-3)
-  assert lines[2].endswith(f"... ({text_data.VOCAB_SIZE} values)") and len(lines) == 4
+  assert lines[2].endswith(f"... ({expected.shape[1]} values)") and len(lines) == 4
 
 
-def test_text_in_text_out_equals_jax_greedy_decoding(served, lm_model):
-  server, model = served[0], lm_model
-  prompt = np.array([[text_data.BOS_ID, *PROMPT.encode()]], np.int32)
-  expected = _jax_generate(model, prompt)
+def _text_of(tokens: list[int]) -> str:
+  """The continuation the token contract defines: bytes up to the first EOS, as UTF-8."""
+  ends = tokens.index(text_data.EOS_ID) if text_data.EOS_ID in tokens else len(tokens)
+  return bytes(t for t in tokens[:ends] if t < 256).decode(errors="replace")
+
+
+def test_text_in_text_out_equals_the_saved_models_generate(served, saved_model):
+  server = served[0]
+  prompt = np.array([list(PROMPT.encode())], np.int32)  # The text's bytes, no BOS.
+  expected = saved_model.signatures["generate"](tokens=prompt)["tokens"].numpy()[0].tolist()
+  assert len(expected) == MAX_NEW_TOKENS
   generated = json.loads(_ok(_client(server, "--model=lm", f"--text={PROMPT}", "--json")))
   assert generated["tokens"] == expected
-  ends = expected.index(text_data.EOS_ID) if text_data.EOS_ID in expected else len(expected)
-  text = bytes(t for t in expected[:ends] if t < 256).decode(errors="replace")
-  assert generated["text"] == text
-  assert _ok(_client(server, "--model=lm", f"--text={PROMPT}")) == text + "\n"
+  assert generated["text"] == _text_of(expected)
+  assert _ok(_client(server, "--model=lm", f"--text={PROMPT}")) == _text_of(expected) + "\n"
 
 
-def _jax_generate(model, prompt: np.ndarray) -> list[int]:
-  """Greedy decoding of `prompt` in JAX, as the export's generate does it."""
-  tokens = decoding.generate(
-    model.model,
-    model.variables["params"],
-    prompt,
-    jax.random.PRNGKey(0),
-    max_new_tokens=MAX_NEW_TOKENS,
-  )
-  return np.asarray(tokens)[0].tolist()
-
-
-def test_sampling_flags_need_an_export_that_samples(served):
+def test_sampling_flags_use_the_sample_signature_where_the_export_has_one(served, saved_model):
   server = served[0]
-  summary = json.loads(_ok(_client(server, "--model=lm", "--metadata", "--json")))
-  args = ("--model=lm", f"--text={PROMPT}", "--temperature=1.5", "--seed=3", "--json")
-  if "temperature" in summary["generate"]["inputs"]:
-    first, again = (json.loads(_ok(_client(server, *args))) for _ in range(2))
-    assert first == again  # A fixed seed repeats.
-  else:
+  args = ("--model=lm", f"--text={PROMPT}", "--temperature=1.5", "--top_k=5", "--seed=3", "--json")
+  if "sample" not in saved_model.signatures:
     result = _client(server, *args)
     assert result.returncode == 1
     assert result.stderr == (
-      "error: this export's generate is greedy only (no seed, temperature input); re-export "
-      "the model with a newer serving.export to sample\n"
+      "error: this export decodes greedily only (no temperature, top_k input); re-export the "
+      "model with a newer serving.export to sample\n"
     )
+    return
+  expected = (
+    saved_model.signatures["sample"](
+      tokens=np.array([list(PROMPT.encode())], np.int32),
+      temperature=np.float32([1.5]),
+      top_k=np.int32([5]),
+      seed=np.int32([3]),
+    )["tokens"]
+    .numpy()[0]
+    .tolist()
+  )
+  first, again = (json.loads(_ok(_client(server, *args))) for _ in range(2))
+  assert first["tokens"] == again["tokens"] == expected  # A fixed seed repeats.
+  assert first["text"] == _text_of(expected)
 
 
 def test_a_bad_request_is_a_one_line_error(served):
@@ -168,9 +172,9 @@ def test_tokens_are_the_trainers_bytes_plus_bos_and_eos():
     text_data.EOS_ID,
     text_data.PAD_ID,
   )
-  np.testing.assert_array_equal(
-    lm_text.encode_prompt("é("), [text_data.BOS_ID, *text_data.encode("é(")]
-  )
+  np.testing.assert_array_equal(lm_text.encode_prompt("é("), text_data.encode("é("))
+  with pytest.raises(model_client.ClientError, match="the prompt is empty"):
+    lm_text.encode_prompt("")
   assert (
     lm_text.decode_continuation([104, 105, text_data.PAD_ID, 33, text_data.EOS_ID, 65]) == "hi!"
   )
@@ -197,8 +201,8 @@ def test_generate_inputs_fill_what_the_signature_declares():
   )
   prompt = lm_text.encode_prompt("ab")
   inputs = lm_text.generate_inputs(signature, prompt, lm_text.Sampling(0.5, 7, 3))
-  assert inputs["tokens"].shape == (1, 3)
-  assert (inputs["lengths"].tolist(), inputs["lengths"].dtype) == ([3], np.int32)
+  assert inputs["tokens"].tolist() == [[97, 98]]
+  assert (inputs["lengths"].tolist(), inputs["lengths"].dtype) == ([2], np.int32)
   assert (inputs["temperature"].tolist(), inputs["temperature"].dtype) == ([0.5], np.float32)
   assert (inputs["top_k"].shape, int(inputs["top_k"])) == ((), 7)
   assert (inputs["seed"].dtype, int(inputs["seed"])) == (np.int64, 3)
@@ -237,3 +241,16 @@ def test_values_in_typed_fields_repeat_the_last_one_as_tensorflow_writes_them():
   proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0, 2.0])
   proto.tensor_shape.dim.add(size=4)
   assert model_client.from_tensor_proto(proto).tolist() == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_greedy_text_goes_to_generate_and_sampling_to_sample():
+  both = ("generate", "sample", "serving_default")
+  assert lm_text.signature_for(lm_text.Sampling(), both) == "generate"
+  assert lm_text.signature_for(lm_text.Sampling(seed=4), both) == "generate"
+  assert lm_text.signature_for(lm_text.Sampling(temperature=0.7), both) == "sample"
+  assert lm_text.signature_for(lm_text.Sampling(top_k=3), both) == "sample"
+  with pytest.raises(model_client.ClientError, match="needs a language model with a 'generate'"):
+    lm_text.signature_for(lm_text.Sampling(), ("serving_default", "classify"))
+  greedy_only = _signature(tokens=(types_pb2.DT_INT32, 2))
+  with pytest.raises(model_client.ClientError, match="decodes greedily only"):
+    lm_text.generate_inputs(greedy_only, lm_text.encode_prompt("a"), lm_text.Sampling(0.5))
