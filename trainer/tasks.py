@@ -20,18 +20,19 @@ import numpy as np
 import optax
 
 from trainer.data import pipeline
-from trainer.data.dataset import CLASSIFICATION, LANGUAGE_MODEL, Dataset, DataSpec
+from trainer.data.dataset import (
+  CLASSIFICATION,
+  LANGUAGE_MODEL,
+  Dataset,
+  DataSpec,
+  normalize,
+)
 
 if TYPE_CHECKING:  # The export side (TensorFlow) is never imported by training.
   from serving.export.signatures import Signature
 
 # Tokens of each golden prompt of a language model's parity gate (prompts are cut to this).
 _GOLDEN_PROMPT_TOKENS = 16
-
-
-def normalize(inputs: jax.Array, mean: float, std: float) -> jax.Array:
-  """The preprocessing classification training applies; the export runs this same function."""
-  return (inputs.astype(jnp.float32) - mean) / std
 
 
 class Task(Protocol):

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
-from serving.export.loading import InferenceModel
 from trainer.data import text as text_data
-from trainer.tasks import normalize
+from trainer.data.dataset import DataSpec, normalize
 
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
@@ -46,7 +47,16 @@ class Signature:
   golden_fn_inputs: dict[str, np.ndarray] | None = None
 
 
-def classifier_signatures(model: InferenceModel, golden: np.ndarray) -> list[Signature]:
+class ServableModel(Protocol):
+  """What the signatures read of a restored model: trainer.checkpointing.InferenceModel (not
+  imported: the task classes call these builders, and checkpointing imports the tasks)."""
+
+  model: nn.Module
+  variables: dict
+  data_spec: DataSpec
+
+
+def classifier_signatures(model: ServableModel, golden: np.ndarray) -> list[Signature]:
   """`serving_default`: raw inputs (as the data source yields them) -> probabilities, classes.
 
   `classify` (for TF Serving's Classify RPC): serialized tf.Examples [batch], each with the float
@@ -157,7 +167,7 @@ def ragged_golden_prompts(golden_tokens: np.ndarray) -> np.ndarray:
 
 
 def language_model_signatures(
-  model: InferenceModel, golden_tokens: np.ndarray, *, max_new_tokens: int
+  model: ServableModel, golden_tokens: np.ndarray, *, max_new_tokens: int
 ) -> list[Signature]:
   """`serving_default`: token ids -> log-probabilities of each prompt's next token; `generate`:
   greedy continuation by `max_new_tokens` tokens with a KV cache; `sample`: the same with

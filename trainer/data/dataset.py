@@ -28,6 +28,12 @@ SPLITS = ("train", "validation", "test")
 _FINGERPRINT_EDGE_BYTES = 1 << 20
 
 
+def normalize(inputs: Any, mean: float, std: float) -> Any:
+  """The preprocessing classification training applies, `(x - mean) / std` in float32; the
+  export runs this same function. Works on jax and numpy arrays alike."""
+  return (inputs.astype("float32") - mean) / std
+
+
 class Source(Protocol):
   """Random access to the examples of one split: `{name: array}` per example.
 
