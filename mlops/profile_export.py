@@ -49,13 +49,13 @@ def profile_inputs(saved_model: str, signature, workdir: str | None = None):
   """The ProfileInputs of an export (opens its training data). Raises ProfileError."""
   import ml_collections
 
-  from trainer.data import sources
+  from trainer.data import load_dataset
   from trainer.errors import ConfigError
 
   manifest = _manifest(saved_model, workdir)
   spec = manifest["data_spec"]
   try:
-    dataset = sources.load_dataset(ml_collections.ConfigDict(manifest["config"]["data"]))
+    dataset = load_dataset(ml_collections.ConfigDict(manifest["config"]["data"]))
   except (ConfigError, OSError) as e:
     raise profile_lib.ProfileError(
       f"the training data of {saved_model} cannot be read ({e}); give the run's --workdir or "
@@ -81,7 +81,7 @@ def profile_inputs(saved_model: str, signature, workdir: str | None = None):
     input_dtype=dtype.name,
     row_shape=row_shape,
     training_inputs=as_served(_sample_inputs(dataset.train, max_rows)),
-    eval_inputs=as_served(_sample_inputs(dataset.eval, profile_lib.MAX_PREDICTION_ROWS)),
+    eval_inputs=as_served(_sample_inputs(dataset.validation, profile_lib.MAX_PREDICTION_ROWS)),
     pad_id=pad_id,
     num_classes=spec["num_classes"],
     checkpoint_step=manifest.get("checkpoint_step"),

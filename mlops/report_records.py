@@ -102,15 +102,11 @@ def _event_order(path: str) -> tuple[int, str]:
 
 
 def _checkpoint_metrics(workdir: str, step: int) -> dict[str, float] | None:
-  directory = os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "metrics")
-  for path in glob.glob(os.path.join(directory, "*")):
-    if os.path.isfile(path) and not path.endswith("commit_success.txt"):
-      try:
-        with open(path) as f:
-          return json.load(f)
-      except (OSError, ValueError):
-        return None
-  return None
+  """The eval metrics saved with `step` (through checkpointing, the format's owner)."""
+  try:
+    return checkpointing.read_step_items(workdir, step)[2]
+  except (ConfigError, OSError, ValueError):
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +122,7 @@ def model_facts(workdir: str, step: str = "best") -> tuple[ModelFacts, object, o
   import jax
 
   from serving.export import loading
-  from trainer.data.sources import load_dataset
+  from trainer.data import load_dataset
 
   try:
     model = loading.load(workdir, step)
@@ -137,7 +133,7 @@ def model_facts(workdir: str, step: str = "best") -> tuple[ModelFacts, object, o
     step=model.step,
     parameter_count=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.variables["params"])),
     train_examples=len(dataset.train),
-    eval_examples=len(dataset.eval),
+    eval_examples=len(dataset.validation),
   )
   return facts, model, dataset
 
@@ -148,16 +144,17 @@ def classifier_eval(model, dataset, batch_size: int = 256) -> np.ndarray:
 
   from trainer import tasks
 
-  task = tasks.for_dataset(dataset)
-  count = min(len(dataset.eval), _MAX_CONFUSION_EXAMPLES)
+  task = tasks.for_spec(dataset.spec)
+  count = min(len(dataset.validation), _MAX_CONFUSION_EXAMPLES)
   predict = jax.jit(
     lambda variables, batch: model.model.apply(
       variables, *task.model_inputs(batch)[0], train=False
     ).argmax(-1)
   )
-  confusion = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+  num_classes = dataset.spec.num_classes
+  confusion = np.zeros((num_classes, num_classes), np.int64)
   for start in range(0, count, batch_size):
-    rows = [dataset.eval[i] for i in range(start, min(start + batch_size, count))]
+    rows = [dataset.validation[i] for i in range(start, min(start + batch_size, count))]
     inputs = np.stack([r["inputs"] for r in rows])
     labels = np.array([int(r["labels"]) for r in rows])
     predicted = np.asarray(predict(model.variables, {"inputs": inputs}))

@@ -403,7 +403,7 @@ def test_schema_choices_match_the_code():
   """The choices declared in the schema are the names the code accepts."""
   from models import transformer
   from trainer import optimizers
-  from trainer.data import sources
+  from trainer.data import load_dataset
 
   def choices(name):
     return set(re.findall(r"'([^']+)'", schema.RULES[name].expected))
@@ -418,7 +418,7 @@ def test_schema_choices_match_the_code():
   for name in choices("data.name"):
     config.data.name = name
     try:
-      sources.load_dataset(config.data)
+      load_dataset(config.data)
     except ConfigError as e:  # npz / array_record: no paths set, but the name is known.
       assert "unknown dataset" not in str(e), e
 

@@ -78,13 +78,13 @@ def saved_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logs(saved_model, tmp_path_factory):
-  """Logs of the eval split as served (900 rows... 359), then of shifted inputs."""
+  """Logs of the validation split as served, then of shifted inputs."""
   from configs import digits_cnn
-  from trainer.data import sources
+  from trainer.data import load_dataset
 
-  dataset = sources.load_dataset(digits_cnn.get_config("smoke").data)
-  rows = dataset.eval.inputs.reshape(len(dataset.eval), -1)
-  labels = dataset.eval.labels
+  dataset = load_dataset(digits_cnn.get_config("smoke").data)
+  rows = dataset.validation.inputs.reshape(len(dataset.validation), -1)
+  labels = dataset.validation.labels
   shifted = rows.copy()
   shifted[:, ::2] = 16 - shifted[:, ::2]  # half the pixels inverted
   directory = tmp_path_factory.mktemp("logs")
@@ -229,5 +229,5 @@ def test_cli_writes_the_report_and_serves_gauges(saved_model, logs, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err[-2000:]
-  assert "window 1: 359 rows" in out and "DATASET DRIFT" in out
+  assert "window 1: 270 rows" in out and "DATASET DRIFT" in out  # The validation split.
   assert (tmp_path / "report.md").exists() and (tmp_path / "drift_over_time.png").exists()

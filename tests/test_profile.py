@@ -23,9 +23,9 @@ def saved_model(tmp_path_factory):
 
 def _training_pixels():
   from configs import digits_cnn
-  from trainer.data import sources
+  from trainer.data import load_dataset
 
-  dataset = sources.load_dataset(digits_cnn.get_config("smoke").data)
+  dataset = load_dataset(digits_cnn.get_config("smoke").data)
   return dataset.train.inputs.reshape(len(dataset.train), -1), dataset
 
 
@@ -54,7 +54,7 @@ def test_export_writes_a_profile_of_the_training_data(saved_model):
   # The served classes on the eval split: every eval row counted once, 10 classes at most.
   classes = written["predictions"]["classes"][0]
   assert classes["kind"] == "categorical"
-  assert sum(classes["values"]["counts"]) == len(dataset.eval)
+  assert sum(classes["values"]["counts"]) == len(dataset.validation)
   assert set(classes["values"]["values"]) <= set(range(10))
 
 

@@ -54,7 +54,7 @@ def test_cli_writes_sections_tables_and_pngs_with_a_comparison(two_runs):
   ):
     assert heading in text
   assert "lr 0.003" in text  # The objective is config.description.
-  assert "| parameters | " in text and "| dataset size | 1438 train / 359 eval examples |" in text
+  assert "| parameters | " in text and "| dataset size | 1257 train / 270 eval examples |" in text
   records = report_records.read_run(str(base))
   final_accuracy = records.last("eval/accuracy")
   assert f"| eval/accuracy | {final_accuracy:.4g} |" in text
@@ -69,7 +69,7 @@ def test_cli_writes_sections_tables_and_pngs_with_a_comparison(two_runs):
   # Per-class accuracy rows sum to the eval split.
   rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 4]
   per_class = [r.split("|") for r in rows if r.split("|")[1].strip().isdigit()]
-  assert sum(int(r[2]) for r in per_class) == 359
+  assert sum(int(r[2]) for r in per_class) == 270  # The validation split.
 
 
 def test_cli_rejects_a_directory_without_a_run(tmp_path):
