@@ -50,6 +50,7 @@ bench: install
 	env -u XLA_FLAGS $(BIN)/python bench/export_latency.py
 	$(BIN)/python bench/multihost.py
 	env -u XLA_FLAGS $(BIN)/python bench/serving_latency.py
+	env -u XLA_FLAGS $(BIN)/python bench/tracking.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

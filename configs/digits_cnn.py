@@ -31,3 +31,13 @@ def get_config(arg: str | None = None):
     base.shrink_for_smoke(config)
     config.model.name = "cnn_tiny"
   return config
+
+
+def get_search_space(trial) -> dict:
+  """Config overrides for one hyperparameter-search trial (`python -m mlops.hpo`); `trial` is
+  an optuna.Trial. Parameter names are the config fields they set."""
+  return {
+    "optim.learning_rate": trial.suggest_float("optim.learning_rate", 3e-4, 3e-2, log=True),
+    "optim.weight_decay": trial.suggest_float("optim.weight_decay", 1e-6, 1e-2, log=True),
+    "model.dropout_rate": trial.suggest_float("model.dropout_rate", 0.0, 0.3),
+  }

@@ -56,3 +56,13 @@ def get_config(arg: str | None = None):
     config.eval.global_batch_size = 32
     config.eval.max_batches = 2
   return config
+
+
+def get_search_space(trial) -> dict:
+  """Config overrides for one hyperparameter-search trial (`python -m mlops.hpo`); `trial` is
+  an optuna.Trial. Parameter names are the config fields they set."""
+  return {
+    "optim.learning_rate": trial.suggest_float("optim.learning_rate", 1e-4, 1e-2, log=True),
+    "optim.warmup_steps": trial.suggest_int("optim.warmup_steps", 0, 200, step=50),
+    "optim.weight_decay": trial.suggest_float("optim.weight_decay", 0.0, 0.2),
+  }

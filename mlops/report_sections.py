@@ -114,7 +114,7 @@ def results(records: RunRecords, images: Sequence[str], per_class) -> str:
     rows = [
       (t, records.last(t), _eval_at(records, t, best[0]) if best else math.nan) for t in eval_tags
     ]
-    if records.is_language_model:
+    if records.is_language_model and "eval/perplexity" not in eval_tags:
       rows += [
         ("eval/perplexity", math.exp(r[1]), math.exp(r[2])) for r in rows if r[0] == "eval/loss"
       ]
