@@ -24,6 +24,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "none")
 # Seconds a worker may take to connect to the storage before it is called unreachable.
 CONNECT_TIMEOUT_S = 5
+# Tries at opening an RDB storage whose tables another worker is creating.
+_CREATE_ATTEMPTS = 5
 # Points a continuous parameter contributes to a grid (low, middle, high).
 _GRID_POINTS = 3
 
@@ -56,23 +58,33 @@ def open_storage(url: str, heartbeat_interval_s: int) -> optuna.storages.BaseSto
     os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///") :])), exist_ok=True)
   elif url.startswith("postgresql"):
     engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-          max_retry=3
-        ),
-      )
-  except Exception as e:  # SQLAlchemy/driver errors: the storage cannot be used as given.
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(
-      f"cannot reach --storage={redact(url)}: {reason}; check the URL, that the database server "
-      "is up, and the credentials"
-    ) from e
+  import sqlalchemy
+
+  for attempt in range(_CREATE_ATTEMPTS):
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+          url,
+          engine_kwargs=engine_kwargs,
+          heartbeat_interval=heartbeat_interval_s,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=3
+          ),
+        )
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+      # Workers starting together on a fresh database race to create Optuna's tables; the
+      # loser sees them half-made. They exist a moment later.
+      if attempt == _CREATE_ATTEMPTS - 1:
+        raise
+      time.sleep(0.5 * (attempt + 1))
+    except Exception as e:  # SQLAlchemy/driver errors: the storage cannot be used as given.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(
+        f"cannot reach --storage={redact(url)}: {reason}; check the URL, that the database "
+        "server is up, and the credentials"
+      ) from e
+  raise AssertionError("unreachable")
 
 
 def make_sampler(name: str, seed: int, search_space: dict | None) -> optuna.samplers.BaseSampler:

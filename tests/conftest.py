@@ -1,12 +1,20 @@
 """Test setup: 8 fake CPU devices (set before JAX starts) and small configs."""
 
 import os
+import shutil
+import tempfile
 
 # Must precede the first `import jax` anywhere in the test session.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Every run in the session, and every process it starts (helpers snapshot os.environ at import),
+# tracks to a throwaway SQLite store, never to the project root's mlflow.db.
+os.environ["MLFLOW_TRACKING_URI"] = (
+  f"sqlite:///{tempfile.mkdtemp(prefix='pytest-mlflow-')}/mlflow.db"
+)
 
 import jax
 import pytest
@@ -15,17 +23,11 @@ from configs import digits_cnn
 
 
 @pytest.fixture(scope="session", autouse=True)
-def mlflow_test_store(tmp_path_factory):
-  """Every run in the session (and the processes it starts) tracks to a throwaway SQLite store,
-  never to the project root's mlflow.db."""
-  store = tmp_path_factory.mktemp("mlflow")
-  previous = os.environ.get("MLFLOW_TRACKING_URI")
-  os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+def mlflow_test_store():
+  """The session's throwaway MLflow store (set above), removed at the end."""
+  store = os.path.dirname(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
   yield store
-  if previous is None:
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-  else:
-    os.environ["MLFLOW_TRACKING_URI"] = previous
+  shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
