@@ -1,4 +1,4 @@
-"""`python -m serving.export`: see `serving.export.exporter`."""
+"""`python -m serving.export`: see `serving.export.cli`."""
 
 import sys
 
@@ -9,7 +9,7 @@ native_logs.quiet_native_logs(sys.argv)
 
 from absl import app  # noqa: E402
 
-from serving.export import exporter  # noqa: E402
+from serving.export import cli  # noqa: E402
 
 if __name__ == "__main__":
-  app.run(exporter.main)
+  app.run(cli.main)
