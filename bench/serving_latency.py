@@ -189,14 +189,15 @@ def main(argv: list[str]) -> None:
 
 
 def _in_process(base: str, version: int, x: np.ndarray, options) -> None:
-  from serving.server import batching, model_manager
+  from serving import contract
+  from serving.server import batching, loaded_version
 
   print("\nIn process, no RPC: threads calling the loaded version (requests/s):\n")
   print("| threads | plain | batching | batching / plain |")
   print("|---|---|---|---|")
   scheduler = batching.BatchScheduler(options)
   versions = {
-    name: model_manager.LoadedVersion("digits", version, os.path.join(base, str(version)), s)
+    name: loaded_version.LoadedVersion("digits", version, contract.version_dir(base, version), s)
     for name, s in (("plain", None), ("batching", scheduler))
   }
   for loaded in versions.values():

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
+from serving import contract
 from trainer.data import text as text_data
 from trainer.data.dataset import DataSpec, normalize
 
-PREDICT_METHOD_NAME = "tensorflow/serving/predict"
-CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+PREDICT_METHOD_NAME = contract.PREDICT_METHOD_NAME
+CLASSIFY_METHOD_NAME = contract.CLASSIFY_METHOD_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ def classifier_signatures(model: ServableModel, golden: np.ndarray) -> list[Sign
   raw_golden = {"inputs": golden.reshape((-1, *serving_shape)).astype(np.float32)}
   return [
     Signature(
-      name="serving_default",
+      name=contract.DEFAULT_SIGNATURE,
       fn=predict,
       inputs={"inputs": ((None, *serving_shape), np.dtype(np.float32))},
       polymorphic_shapes={"inputs": f"b, {dims}"},
@@ -213,7 +214,7 @@ def language_model_signatures(
   out = f"tokens int32 [batch, {max_new_tokens}]"
   return [
     Signature(
-      name="serving_default",
+      name=contract.DEFAULT_SIGNATURE,
       fn=next_token_log_probs,
       inputs=token_spec,
       polymorphic_shapes={"tokens": "b, t"},

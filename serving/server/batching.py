@@ -252,6 +252,11 @@ class BatchScheduler:
       raise task.error
     return task.outputs
 
+  def queued_tasks(self) -> int:
+    """Requests waiting in a queue (not yet taken by a batch thread)."""
+    with self._cond:
+      return sum(len(b.tasks) for q in self._queues.values() for b in q.batches)
+
   def stop(self) -> None:
     """Runs what is queued, then ends the threads; later `run` calls get UNAVAILABLE."""
     with self._cond:

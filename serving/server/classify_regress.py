@@ -13,29 +13,31 @@ regressor.cc, util.cc; util/json_tensor.cc for REST), with the same status codes
   `input.example_list_with_context` as the context's bytes followed by each example's, which
   protobuf parses as their merge (the example's features win over the context's).
 
-Everything but `classify`, `regress` and `rest` (which run a loaded version) is a pure conversion.
+Everything but `classify` and `regress` (which run a loaded version) is a pure conversion.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
+from collections.abc import Mapping
 
 import grpc
 import numpy as np
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
-from serving.server.model_manager import DEFAULT_SIGNATURE, ServingError, SignatureInfo
+from serving import contract
+from serving.server.errors import ServingError
+from serving.server.example_features import HOW_TO_SEND, KIND_NAMES
+from serving.server.loaded_version import SignatureInfo
 
-CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
-REGRESS_METHOD_NAME = "tensorflow/serving/regress"
-# kClassifyInputs, kRegressInputs; kClassifyOutputClasses, kClassifyOutputScores; kRegressOutputs.
-INPUTS = "inputs"
-CLASSES = "classes"
-SCORES = "scores"
-OUTPUTS = "outputs"
+INPUTS = contract.CLASSIFY_INPUTS
+CLASSES = contract.CLASSIFY_OUTPUT_CLASSES
+SCORES = contract.CLASSIFY_OUTPUT_SCORES
+OUTPUTS = contract.REGRESS_OUTPUTS
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT64_MAX = 2**63 - 1
 
@@ -77,7 +79,7 @@ def classification_signature(served, signature_name: str) -> SignatureInfo:
   `.signature_defs`). Raises ServingError (INVALID_ARGUMENT) as TF Serving's
   GetClassificationSignatureDef and PreProcessClassification."""
   signature, signature_def = _signature(
-    served, signature_name, CLASSIFY_METHOD_NAME, "classification"
+    served, signature_name, contract.CLASSIFY_METHOD_NAME, "classification"
   )
   if len(signature.outputs) not in (1, 2):
     raise _invalid(f"Expected one or two output Tensors, found {len(signature.outputs)}")
@@ -94,7 +96,9 @@ def classification_signature(served, signature_name: str) -> SignatureInfo:
 def regression_signature(served, signature_name: str) -> SignatureInfo:
   """The regress signature `signature_name`; raises ServingError as TF Serving's
   GetRegressionSignatureDef and PreProcessRegression."""
-  signature, signature_def = _signature(served, signature_name, REGRESS_METHOD_NAME, "regression")
+  signature, signature_def = _signature(
+    served, signature_name, contract.REGRESS_METHOD_NAME, "regression"
+  )
   if len(signature.outputs) != 1:
     raise _invalid("Expected one output Tensor.")
   if INPUTS not in signature.inputs:
@@ -105,7 +109,7 @@ def regression_signature(served, signature_name: str) -> SignatureInfo:
 
 
 def _signature(served, name: str, method_name: str, kind: str):
-  name = name or DEFAULT_SIGNATURE
+  name = contract.resolve_signature_name(name)
   if name not in served.signatures:
     raise _invalid(f"No signature was found with the name: {name}")
   signature_def = served.signature_defs[name]
@@ -200,62 +204,63 @@ def _label(value) -> str:
   return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-# The RPCs, on a loaded version (serving.model_manager.LoadedVersion).
+# The RPCs, on a loaded version (serving.server.loaded_version.LoadedVersion).
 
 
-def classify(served, request) -> classification_pb2.ClassificationResponse:
-  """Runs a ClassificationRequest on `served`. Raises ServingError."""
-  signature = classification_signature(served, request.model_spec.signature_name)
-  examples = serialized_examples(request.input)
+def classify(
+  served, signature: SignatureInfo, request_input: input_pb2.Input
+) -> classification_pb2.ClassificationResult:
+  """Runs Classify on `served`'s classify `signature`. Raises ServingError."""
+  examples = serialized_examples(request_input)
   outputs = served.run(signature.name, {INPUTS: examples})
-  response = classification_pb2.ClassificationResponse()
-  _fill_model_spec(response.model_spec, served, signature.name)
-  response.result.CopyFrom(classification_result(outputs, len(examples)))
-  return response
+  return classification_result(outputs, len(examples))
 
 
-def regress(served, request) -> regression_pb2.RegressionResponse:
-  """Runs a RegressionRequest on `served`. Raises ServingError."""
-  signature = regression_signature(served, request.model_spec.signature_name)
-  examples = serialized_examples(request.input)
+def regress(
+  served, signature: SignatureInfo, request_input: input_pb2.Input
+) -> regression_pb2.RegressionResult:
+  """Runs Regress on `served`'s regress `signature`. Raises ServingError."""
+  examples = serialized_examples(request_input)
   outputs = served.run(signature.name, {INPUTS: examples})
-  response = regression_pb2.RegressionResponse()
-  _fill_model_spec(response.model_spec, served, signature.name)
-  response.result.CopyFrom(regression_result(outputs, len(examples)))
-  return response
-
-
-def _fill_model_spec(model_spec, served, signature_name: str) -> None:
-  model_spec.name = served.model_name
-  model_spec.version.value = served.version
-  model_spec.signature_name = signature_name
+  return regression_result(outputs, len(examples))
 
 
 # REST: POST /v1/models/NAME[/versions/N | /labels/L]:classify (or :regress), as TF Serving's
 # json_tensor.cc: {"signature_name": s, "context": {feature: value}, "examples": [{...}, ...]}
 # -> {"results": [[[label, score], ...], ...]} (classify) or {"results": [value, ...]} (regress).
-# A value is a number (with a decimal point or exponent: float_list, else int64_list), true/false
-# (int64_list), a string or {"b64": "..."} (bytes_list), or a list of one kind of these.
+# A value is a number, true/false, a string or {"b64": "..."}, or a list of one kind of these.
+# TF Serving makes a number with a decimal point or exponent a float_list, others int64_list;
+# here a feature the signature parses as float takes integers too (a float holds them), a list
+# mixing integers and floats is a float_list, and any other mismatch is named before running.
 
 
-def rest(verb: str, manager, name: str, version: int | None, label: str, body: bytes):
-  """Runs a REST `classify` or `regress` request; returns (JSON object, served version)."""
-  if verb == "classify":
-    request = classification_pb2.ClassificationRequest()
-  elif verb == "regress":
-    request = regression_pb2.RegressionRequest()
-  else:
-    raise ValueError(f"verb {verb!r} is not classify or regress")
-  request_from_json(body, request)
-  served = manager.resolve(name, version, label)
-  if verb == "classify":
-    return classification_json(classify(served, request).result), served.version
-  return regression_json(regress(served, request).result), served.version
+@dataclasses.dataclass(frozen=True)
+class JsonExamples:
+  """A REST classify/regress body, checked for shape; `to_input` builds the Examples."""
+
+  signature_name: str
+  context: dict | None
+  examples: list
+
+  def to_input(self, features: Mapping[str, str] | None = None) -> input_pb2.Input:
+    """The request's input.  `features`: {name: "float_list" | "int64_list" | "bytes_list"}
+    the signature parses (empty: unknown). Raises ServingError (INVALID_ARGUMENT)."""
+    features = features or {}
+    request_input = input_pb2.Input()
+    if self.context is not None:
+      with_context = request_input.example_list_with_context
+      _fill_example(self.context, with_context.context, features, "the context")
+      target = with_context.examples
+    else:
+      target = request_input.example_list.examples
+    for i, value in enumerate(self.examples):
+      _fill_example(value, target.add(), features, f"example {i}")
+    return request_input
 
 
-def request_from_json(body: bytes, request) -> None:
-  """Fills a Classification/RegressionRequest's signature_name and input from a REST body.
-  Raises ServingError (INVALID_ARGUMENT)."""
+def examples_from_json(body: bytes, verb: str = "classify") -> JsonExamples:
+  """A REST body's signature name, context and examples. Raises ServingError
+  (INVALID_ARGUMENT) as TF Serving's json_tensor.cc."""
   try:
     document = json.loads(body or b"null")
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -265,61 +270,85 @@ def request_from_json(body: bytes, request) -> None:
   signature_name = document.get("signature_name", "")
   if not isinstance(signature_name, str):
     raise _invalid("'signature_name' key must be a string value.")
-  request.model_spec.signature_name = signature_name
-  has_context = "context" in document
-  if has_context:
-    _fill_example(document["context"], request.input.example_list_with_context.context)
   examples = document.get("examples")
   if examples is None:
-    raise _invalid("When method is classify, key 'examples' is expected and was not found")
+    raise _invalid(f"When method is {verb}, key 'examples' is expected and was not found")
   if not isinstance(examples, list):
     raise _invalid("Expecting 'examples' value to be an list/array")
   if not examples:
     raise _invalid("'examples' value is an empty array")
-  target = (
-    request.input.example_list_with_context.examples
-    if has_context
-    else request.input.example_list.examples
-  )
-  for value in examples:
-    _fill_example(value, target.add())
+  return JsonExamples(signature_name, document.get("context"), examples)
 
 
-def _fill_example(value, example) -> None:
+def request_from_json(body: bytes, request, features: Mapping[str, str] | None = None) -> None:
+  """Fills a Classification/RegressionRequest's signature_name and input from a REST body.
+  Raises ServingError (INVALID_ARGUMENT)."""
+  parsed = examples_from_json(body)
+  request.model_spec.signature_name = parsed.signature_name
+  request.input.CopyFrom(parsed.to_input(features))
+
+
+def _fill_example(value, example, features: Mapping[str, str], where: str) -> None:
   if not isinstance(value, dict):
     raise _invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
   for name, content in value.items():
-    feature = example.features.feature[name]
-    for element in content if isinstance(content, list) else [content]:
-      _add_to_feature(element, name, feature)
+    elements = [_element(v, name) for v in (content if isinstance(content, list) else [content])]
+    kind, values = _feature_values(name, elements, features.get(name), where)
+    getattr(example.features.feature[name], kind).value.extend(values)
 
 
-def _add_to_feature(value, name: str, feature) -> None:
+def _element(value, name: str) -> tuple[str, object]:
+  """(kind, value) of one JSON element of feature `name`, as TF Serving reads it."""
   if isinstance(value, bool):
-    kind, value = "int64_list", int(value)
-  elif isinstance(value, int):
+    return "int64_list", int(value)
+  if isinstance(value, int):
     if value > _INT64_MAX:
       raise _invalid(f"Feature: {name} has uint64 element. Only int64 is supported.")
-    kind = "int64_list"
-  elif isinstance(value, float):
+    return "int64_list", value
+  if isinstance(value, float):
     if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
       raise _invalid(f"JSON value: {value} cannot be stored as float without loss of precision")
-    kind = "float_list"
-  elif isinstance(value, str):
-    kind, value = "bytes_list", value.encode()
-  elif isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+    return "float_list", value
+  if isinstance(value, str):
+    return "bytes_list", value.encode()
+  if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
     try:
-      kind, value = "bytes_list", base64.b64decode(value["b64"], validate=True)
+      return "bytes_list", base64.b64decode(value["b64"], validate=True)
     except ValueError as e:
       raise _invalid(f"Unable to base64 decode feature {name}: {e}") from e
-  else:
-    raise _invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
-  current = feature.WhichOneof("kind")
-  if current not in (None, kind):
-    raise _invalid(
-      f"Unexpected element type in feature: {name} expecting type: {current.removesuffix('_list')}"
+  raise _invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+
+
+def _feature_values(name: str, elements: list, expected: str | None, where: str):
+  """The feature kind and values for `elements`: the signature's kind where it can hold them
+  (integers into float), else ServingError naming the feature, both kinds and the fix."""
+  given = {kind for kind, _ in elements}
+  numbers = {"int64_list", "float_list"}
+  if expected is None and given <= numbers:
+    expected = "float_list" if "float_list" in given else "int64_list"
+  elif expected is None and len(given) == 1:
+    expected = next(iter(given))
+  allowed = {"float_list": numbers}.get(expected, {expected})
+  if not given <= allowed or expected is None:
+    first = elements[0][0]
+    wrong = next(v for k, v in elements if k not in allowed and (expected or k != first))
+    wanted = (
+      f"the signature parses it as {KIND_NAMES[expected]}; {HOW_TO_SEND[expected]}"
+      if expected
+      else "a feature holds one kind of value: send all numbers or all strings"
     )
-  getattr(feature, kind).value.append(value)
+    shown = json.dumps(wrong.decode("utf-8", "replace") if isinstance(wrong, bytes) else wrong)
+    raise _invalid(
+      f"feature '{name}' in {where}: got {_kinds(given)} (e.g. {shown:.40}) but {wanted}"
+    )
+  if expected == "float_list":
+    return expected, [float(v) for _, v in elements]
+  return expected, [v for _, v in elements]
+
+
+def _kinds(kinds: set[str]) -> str:
+  words = {"float_list": "floats", "int64_list": "integers", "bytes_list": "strings"}
+  return " and ".join(words[k] for k in sorted(kinds))
 
 
 def _json_type(value) -> str:

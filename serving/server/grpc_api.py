@@ -1,9 +1,12 @@
 """TF Serving's gRPC API: PredictionService (Predict, Classify, Regress, GetModelMetadata) and
-ModelService (GetModelStatus, HandleReloadConfigRequest). MultiInference answers UNIMPLEMENTED."""
+ModelService (GetModelStatus, HandleReloadConfigRequest). MultiInference answers UNIMPLEMENTED.
+
+A thin transport: each RPC decodes its request into a ModelSpec and arrays, hands the work to
+the one request path (handlers.RequestPath) and encodes the Outcome.
+"""
 
 from __future__ import annotations
 
-import time
 from concurrent import futures
 
 import grpc
@@ -11,26 +14,30 @@ import numpy as np
 from absl import logging
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
+  classification_pb2,
   get_model_metadata_pb2,
   get_model_status_pb2,
   model_management_pb2,
   model_service_pb2_grpc,
   predict_pb2,
   prediction_service_pb2_grpc,
+  regression_pb2,
 )
 
-from serving.server import classify_regress, tensors
-from serving.server.metrics import Metrics
-from serving.server.model_manager import ServedModels, ServingError
+from serving.server import classify_regress, model_config, tensors
+from serving.server.errors import ServingError
+from serving.server.handlers import ModelSpec, Outcome, RequestPath
 
 # The services whose health the standard health service reports, besides the server's ("").
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 # tensorflow.error.Code of a version whose load failed.
 _ERROR_UNKNOWN = 2
+_STATES = get_model_status_pb2.ModelVersionStatus.State
 
 
-def _requested_version(model_spec) -> int | None:
-  return model_spec.version.value if model_spec.HasField("version") else None
+def _spec(model_spec) -> ModelSpec:
+  version = model_spec.version.value if model_spec.HasField("version") else None
+  return ModelSpec(model_spec.name, version, model_spec.version_label, model_spec.signature_name)
 
 
 def _to_ndarray(name: str, proto) -> np.ndarray:
@@ -42,152 +49,110 @@ def _to_ndarray(name: str, proto) -> np.ndarray:
     ) from e
 
 
-class _Handler:
-  """Runs one RPC: maps ServingError to its status code, anything else to INTERNAL, and records
-  metrics. A failure never outlives its request."""
+def _fill_model_spec(model_spec, served) -> None:
+  model_spec.name = served.model_name
+  model_spec.version.value = served.version
+  if served.signature_name:
+    model_spec.signature_name = served.signature_name
 
-  def __init__(self, manager: ServedModels, metrics: Metrics):
-    self.manager = manager
-    self.metrics = metrics
 
-  def __call__(self, method: str, model_spec, context, fn):
-    start = time.perf_counter()
-    code = grpc.StatusCode.OK
-    message = ""
-    version = _requested_version(model_spec)
-    try:
-      response, version = fn()
-    except ServingError as e:
-      code, message = e.code, e.message
-    except Exception as e:
-      logging.exception("%s failed", method)
-      code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-    self.metrics.observe(
-      "grpc", method, model_spec.name, version, code.name, time.perf_counter() - start
-    )
-    if code != grpc.StatusCode.OK:
-      context.abort(code, message)
-    return response
+def _answer(outcome: Outcome, context):
+  if outcome.code != grpc.StatusCode.OK:
+    context.abort(outcome.code, outcome.message)
+  return outcome.value
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-  def __init__(self, handler: _Handler):
-    self.handler = handler
-    self.manager = handler.manager
-
-  def _resolve(self, model_spec):
-    return self.manager.resolve(
-      model_spec.name, _requested_version(model_spec), model_spec.version_label
-    )
+  def __init__(self, path: RequestPath):
+    self.path = path
 
   def Predict(self, request, context):
-    def predict():
-
-      served = self._resolve(request.model_spec)
+    def predict(handlers):
       inputs = {name: _to_ndarray(name, proto) for name, proto in request.inputs.items()}
-      signature = served.signature(request.model_spec.signature_name)
-      outputs = served.run(signature.name, inputs, tuple(request.output_filter))
+      prediction = handlers.predict(spec, inputs, tuple(request.output_filter))
       response = predict_pb2.PredictResponse()
-      response.model_spec.name = served.model_name
-      response.model_spec.version.value = served.version
-      response.model_spec.signature_name = signature.name
-      for name, value in outputs.items():
+      _fill_model_spec(response.model_spec, prediction.served)
+      for name, value in prediction.outputs.items():
         tensors.fill_tensor_proto(response.outputs[name], value)
-      return response, served.version
+      return response
 
-    return self.handler("Predict", request.model_spec, context, predict)
+    spec = _spec(request.model_spec)
+    return _answer(self.path.serve("grpc", "Predict", spec, predict), context)
 
   def Classify(self, request, context):
-    def classify():
+    def classify(handlers):
       classify_regress.check_model_spec(request)
-      served = self._resolve(request.model_spec)
-      return classify_regress.classify(served, request), served.version
+      answer = handlers.classify(spec, request.input)
+      response = classification_pb2.ClassificationResponse(result=answer.result)
+      _fill_model_spec(response.model_spec, answer.served)
+      return response
 
-    return self.handler("Classify", request.model_spec, context, classify)
+    spec = _spec(request.model_spec)
+    return _answer(self.path.serve("grpc", "Classify", spec, classify), context)
 
   def Regress(self, request, context):
-    def regress():
+    def regress(handlers):
       classify_regress.check_model_spec(request)
-      served = self._resolve(request.model_spec)
-      return classify_regress.regress(served, request), served.version
+      answer = handlers.regress(spec, request.input)
+      response = regression_pb2.RegressionResponse(result=answer.result)
+      _fill_model_spec(response.model_spec, answer.served)
+      return response
 
-    return self.handler("Regress", request.model_spec, context, regress)
+    spec = _spec(request.model_spec)
+    return _answer(self.path.serve("grpc", "Regress", spec, regress), context)
 
   def GetModelMetadata(self, request, context):
-    def metadata():
-      unsupported = [f for f in request.metadata_field if f != "signature_def"]
-      if unsupported or not request.metadata_field:
-        raise ServingError(
-          grpc.StatusCode.INVALID_ARGUMENT,
-          f"Metadata field {unsupported[0] if unsupported else '(none)'} is not supported; "
-          "request metadata_field 'signature_def'",
-        )
-      served = self._resolve(request.model_spec)
-      signature_defs = get_model_metadata_pb2.SignatureDefMap()
-      for name, signature_def in served.signature_defs.items():
-        signature_defs.signature_def[name].CopyFrom(signature_def)
+    def metadata(handlers):
+      answer = handlers.metadata(spec, list(request.metadata_field))
       response = get_model_metadata_pb2.GetModelMetadataResponse()
-      response.model_spec.name = served.model_name
-      response.model_spec.version.value = served.version
-      response.metadata["signature_def"].Pack(signature_defs)
-      return response, served.version
+      _fill_model_spec(response.model_spec, answer.served)
+      response.metadata["signature_def"].Pack(answer.signature_defs)
+      return response
 
-    return self.handler("GetModelMetadata", request.model_spec, context, metadata)
+    spec = _spec(request.model_spec)
+    return _answer(self.path.serve("grpc", "GetModelMetadata", spec, metadata), context)
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-  def __init__(self, handler: _Handler):
-    self.handler = handler
-    self.manager = handler.manager
+  def __init__(self, path: RequestPath):
+    self.path = path
 
   def GetModelStatus(self, request, context):
-    def status():
-      spec = request.model_spec
+    def status(handlers):
       response = get_model_status_pb2.GetModelStatusResponse()
-      states = get_model_status_pb2.ModelVersionStatus.State
-      for s in self.manager.status(spec.name, _requested_version(spec), spec.version_label):
-        entry = response.model_version_status.add(version=s.version, state=states.Value(s.state))
+      for s in handlers.status(spec):
+        entry = response.model_version_status.add(version=s.version, state=_STATES.Value(s.state))
         if s.error:
           entry.status.error_code = _ERROR_UNKNOWN
           entry.status.error_message = s.error
-      return response, _requested_version(spec)
+      return response
 
-    return self.handler("GetModelStatus", request.model_spec, context, status)
+    spec = _spec(request.model_spec)
+    return _answer(self.path.serve("grpc", "GetModelStatus", spec, status), context)
 
   def HandleReloadConfigRequest(self, request, context):
-    """Serves exactly the request's ModelServerConfig (see ServedModels.reload); answers when
+    """Serves exactly the request's ModelServerConfig (RequestHandlers.reload); answers when
     the new models are loaded. A failure is the RPC's status and the response's."""
-    from serving.server import model_config
 
-    start = time.perf_counter()
-    response = model_management_pb2.ReloadConfigResponse()
-    code, message = grpc.StatusCode.OK, ""
-    try:
+    def reload(handlers):
       try:
         configs = model_config.from_proto(request.config, "the ReloadConfigRequest's config")
       except ValueError as e:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-      self.manager.reload(configs)
-    except ServingError as e:
-      code, message = e.code, e.message
-    except Exception as e:
-      logging.exception("HandleReloadConfigRequest failed")
-      code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-    self.handler.metrics.observe(
-      "grpc", "HandleReloadConfigRequest", "", None, code.name, time.perf_counter() - start
-    )
-    response.status.error_code = code.value[0]
-    response.status.error_message = message
-    if code != grpc.StatusCode.OK:
-      logging.error("HandleReloadConfigRequest failed: %s", message)
-      context.abort(code, message)
-    logging.info("Reloaded the model config: %s", sorted(self.manager.managers))
+      handlers.reload(configs)
+
+    outcome = self.path.serve("grpc", "HandleReloadConfigRequest", ModelSpec(""), reload)
+    response = model_management_pb2.ReloadConfigResponse()
+    response.status.error_code = outcome.code.value[0]
+    response.status.error_message = outcome.message
+    if outcome.code != grpc.StatusCode.OK:
+      logging.error("HandleReloadConfigRequest failed: %s", outcome.message)
+    _answer(outcome, context)
     return response
 
 
 def build(
-  manager: ServedModels,
-  metrics: Metrics,
+  path: RequestPath,
   address: str,
   *,
   max_request_size_bytes: int,
@@ -203,11 +168,10 @@ def build(
       ("grpc.max_send_message_length", -1),
     ],
   )
-  handler = _Handler(manager, metrics)
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-    PredictionServicer(handler), server
+    PredictionServicer(path), server
   )
-  model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(handler), server)
+  model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(path), server)
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
   try:

@@ -5,7 +5,8 @@ r"""A model server that speaks TF Serving's gRPC and REST APIs, for this project
 
 Flags are named as `tensorflow_model_server`'s. The newest version under the base path is loaded
 and warmed up before the ports open; newer versions dropped in later are swapped in without a
-failed request. SIGTERM (or SIGINT) stops accepting, finishes requests in flight and exits 0.
+failed request. SIGTERM (or SIGINT) turns health NOT_SERVING, stops accepting, finishes requests
+in flight and exits 0.
 """
 
 from __future__ import annotations
@@ -72,6 +73,23 @@ _VERSION_LABELS = flags.DEFINE_list(
   "--model_base_path (TF Serving takes labels only from --model_config_file, as does this "
   "server when one is given).",
 )
+_MODEL_BASE_PATH_ROOTS = flags.DEFINE_list(
+  "model_base_path_roots",
+  None,
+  "Directories that base paths in a HandleReloadConfigRequest must lie under (after resolving "
+  "'..' and symlinks). Default: the parent directories of the models configured at start.",
+)
+_REST_MAX_CONNECTIONS = flags.DEFINE_integer(
+  "rest_max_connections",
+  512,
+  "REST connections served at once (one thread each); more get HTTP 503 and are closed.",
+)
+_REST_READ_TIMEOUT = flags.DEFINE_float(
+  "rest_read_timeout_seconds",
+  30.0,
+  "Seconds a REST client may take to send a request's line, headers and body, from its first "
+  "byte; slower connections are closed. Idle connections close after 10 s.",
+)
 _SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )
@@ -122,7 +140,7 @@ def _grpc_threads(batch_scheduler) -> int:
   return threads
 
 
-def _watch_model_config_file(registry, path: str, every_seconds: int, stop: threading.Event):
+def _watch_model_config_file(models, path: str, every_seconds: int, stop: threading.Event):
   """Applies `path` whenever its text changes; retries a text that failed to apply (a label
   may name a version still being exported), logging each distinct error once."""
   from serving.server import model_config
@@ -136,7 +154,7 @@ def _watch_model_config_file(registry, path: str, every_seconds: int, stop: thre
       if text == applied and error is None:
         continue
       applied = text
-      registry.reload(model_config.parse(text, f"--model_config_file={path}"))
+      models.reload(model_config.parse(text, f"--model_config_file={path}"))
       if error is not None:
         logging.info("Applied --model_config_file=%s", path)
       error = None
@@ -147,40 +165,48 @@ def _watch_model_config_file(registry, path: str, every_seconds: int, stop: thre
       error = message
 
 
+def _base_path_roots(configs) -> list[str]:
+  if _MODEL_BASE_PATH_ROOTS.value is not None:
+    return list(_MODEL_BASE_PATH_ROOTS.value)
+  return sorted({os.path.dirname(os.path.abspath(c.base_path)) for c in configs})
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from serving.server import grpc_api, metrics, model_manager, rest_api
+  from serving.server import grpc_api, handlers, metrics, model_versions, rest_api, served_models
   from serving.server.errors import ServingError
 
   configs = _model_configs()
   server_metrics = metrics.Metrics()
   batch_scheduler = _batch_scheduler(server_metrics)
-  registry = model_manager.ServedModels(
+  models = served_models.ServedModels(
     poll_wait_seconds=_POLL_WAIT.value,
     batch_scheduler=batch_scheduler,
-    load_retry=model_manager.LoadRetry(
+    load_retry=model_versions.LoadRetry(
       _MAX_NUM_LOAD_RETRIES.value, _LOAD_RETRY_INTERVAL_MICROS.value / 1e6
     ),
   )
-  registry.on_models_changed.append(server_metrics.set_model_names)
+  models.on_models_changed.append(server_metrics.set_model_names)
   try:
-    registry.reload(configs)  # The ports open once the initial versions are loaded (or failed).
+    models.reload(configs)  # The ports open once the initial versions are loaded (or failed).
   except ServingError as e:
     logging.error("Cannot serve the configured models: %s", e.message)
     sys.exit(1)
-  registry.start()
+  models.start()
+  roots = _base_path_roots(configs)
+  logging.info("Reload requests may serve base paths under %s", roots)
+  request_path = handlers.RequestPath(handlers.RequestHandlers(models, roots), server_metrics)
   stop = threading.Event()
   if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
     threading.Thread(
       target=_watch_model_config_file,
-      args=(registry, _MODEL_CONFIG_FILE.value, _MODEL_CONFIG_FILE_POLL_WAIT.value, stop),
+      args=(models, _MODEL_CONFIG_FILE.value, _MODEL_CONFIG_FILE_POLL_WAIT.value, stop),
       name="model-config-watcher",
       daemon=True,
     ).start()
   grpc, grpc_port, health = grpc_api.build(
-    registry,
-    server_metrics,
+    request_path,
     f"{_HOST.value}:{_PORT.value}",
     max_request_size_bytes=_MAX_REQUEST_SIZE.value,
     max_threads=_grpc_threads(batch_scheduler),
@@ -191,16 +217,17 @@ def main(argv: list[str]) -> None:
   httpd = None
   if _REST_API_PORT.value:
     httpd = rest_api.build(
-      registry,
-      server_metrics,
+      request_path,
       _HOST.value,
       _REST_API_PORT.value,
       max_request_size_bytes=_MAX_REQUEST_SIZE.value,
+      max_connections=_REST_MAX_CONNECTIONS.value,
+      read_timeout_seconds=_REST_READ_TIMEOUT.value,
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(
     "Serving %s: gRPC on %s:%d, REST on %s%s",
-    ", ".join(f"{m.name} from {m.base_path}" for m in registry.managers.values()),
+    ", ".join(f"{m.name} from {m.base_path}" for m in models.models.values()),
     _HOST.value,
     grpc_port,
     f"{_HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
@@ -214,13 +241,14 @@ def main(argv: list[str]) -> None:
   logging.info("Shutting down: finishing requests in flight")
   health.enter_graceful_shutdown()  # Health checks answer NOT_SERVING from here on.
   if httpd:
-    httpd.shutdown()  # Stops accepting; server_close() joins the handler threads.
-  grpc.stop(grace=_SHUTDOWN_GRACE.value).wait()
-  if httpd:
+    # REST stops accepting and finishes its requests (each bounded by the read timeout) while
+    # gRPC still answers, so health probes see NOT_SERVING rather than a refused connection.
+    httpd.shutdown()
     httpd.server_close()
+  grpc.stop(grace=_SHUTDOWN_GRACE.value).wait()
   if batch_scheduler:
     batch_scheduler.stop()
-  registry.stop()
+  models.stop()
   logging.info("Stopped")
 
 

@@ -73,3 +73,10 @@ def datatype_enum(dtype: np.dtype) -> int | None:
     return tf.as_dtype(dtype).as_datatype_enum
   except TypeError:
     return None
+
+
+def dtype_name(enum: int) -> str:
+  """TensorFlow's name of a tensorflow.DataType ("float32"), for messages."""
+  import tensorflow as tf
+
+  return tf.as_dtype(enum).name

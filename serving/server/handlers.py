@@ -1,0 +1,209 @@
+"""The request path: protocol-free handlers behind one wrapper, `RequestPath.serve`.
+
+Transports (grpc_api.py, rest_api.py) only decode a request into a ModelSpec and numpy arrays
+or protos, call `RequestPath.serve(api, method, spec, work)` with a `work(handlers)` that does
+the rest, and encode the Outcome. Nothing else reaches a model: `RequestPath.serve` is the one
+place that sees every request and its outcome, and `RequestHandlers.resolve` the one place a
+model spec becomes a loaded version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import grpc
+import numpy as np
+from absl import logging
+
+from serving.server import classify_regress
+from serving.server.errors import ServingError
+from serving.server.loaded_version import LoadedVersion, SignatureInfo
+from serving.server.metrics import Metrics
+from serving.server.model_config import ModelConfig
+from serving.server.model_versions import VersionStatus
+from serving.server.served_models import ServedModels
+
+R = TypeVar("R")
+# Inputs of a Predict: arrays by name, or a function of the signature that decodes them (REST
+# needs the signature's dtypes to read JSON).
+Inputs = Mapping[str, np.ndarray] | Callable[[SignatureInfo], Mapping[str, np.ndarray]]
+# Examples of a Classify/Regress: an input_pb2.Input, or a function of the features the
+# signature parses ({name: "float_list" | "int64_list" | "bytes_list"}) that builds one.
+ExamplesInput = Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSpec:
+  """What a request asks for (TF Serving's ModelSpec): a version, a label, or the latest."""
+
+  name: str
+  version: int | None = None
+  label: str = ""
+  signature_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+  """What answered: the model, version and signature a response names."""
+
+  model_name: str
+  version: int
+  signature_name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prediction:
+  served: Served
+  outputs: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+  """A Classify/Regress answer: a ClassificationResult or RegressionResult proto."""
+
+  served: Served
+  result: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Metadata:
+  served: Served
+  # tensorflow.serving.SignatureDefMap of every SignatureDef, as TF Serving answers.
+  signature_defs: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome(Generic[R]):
+  """A request's end: OK and its value, or a status code and message (value None)."""
+
+  code: grpc.StatusCode
+  message: str = ""
+  value: R | None = None
+
+
+class RequestHandlers:
+  """Predict, Classify, Regress, GetModelMetadata, GetModelStatus and ReloadConfig on the
+  served models, in numpy and TF Serving's messages, with no transport. Each raises
+  ServingError with the status TF Serving answers. Thread-safe."""
+
+  def __init__(self, models: ServedModels, base_path_roots: list[str] | None = None):
+    """`base_path_roots`: directories a reload's base paths must lie under (None: any)."""
+    self.models = models
+    self.base_path_roots = (
+      None if base_path_roots is None else [os.path.realpath(r) for r in base_path_roots]
+    )
+
+  def resolve(self, spec: ModelSpec) -> LoadedVersion:
+    """The loaded version that serves `spec`: the one place requests meet versions."""
+    return self.models.resolve(spec.name, spec.version, spec.label)
+
+  def predict(self, spec: ModelSpec, inputs: Inputs, output_filter=()) -> Prediction:
+    served = self.resolve(spec)
+    signature = served.signature(spec.signature_name)
+    arrays = inputs(signature) if callable(inputs) else inputs
+    outputs = served.run(signature.name, arrays, output_filter)
+    return Prediction(Served(served.model_name, served.version, signature.name), outputs)
+
+  def classify(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
+    served = self.resolve(spec)
+    signature = classify_regress.classification_signature(served, spec.signature_name)
+    request_input = _examples(examples, served, signature)
+    result = classify_regress.classify(served, signature, request_input)
+    return Result(Served(served.model_name, served.version, signature.name), result)
+
+  def regress(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
+    served = self.resolve(spec)
+    signature = classify_regress.regression_signature(served, spec.signature_name)
+    request_input = _examples(examples, served, signature)
+    result = classify_regress.regress(served, signature, request_input)
+    return Result(Served(served.model_name, served.version, signature.name), result)
+
+  def metadata(self, spec: ModelSpec, fields: list[str]) -> Metadata:
+    """GetModelMetadata; only the `signature_def` field exists (INVALID_ARGUMENT otherwise)."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    unsupported = [f for f in fields if f != "signature_def"]
+    if unsupported or not fields:
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"Metadata field {unsupported[0] if unsupported else '(none)'} is not supported; "
+        "request metadata_field 'signature_def'",
+      )
+    served = self.resolve(spec)
+    signature_defs = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature_def in served.signature_defs.items():
+      signature_defs.signature_def[name].CopyFrom(signature_def)
+    return Metadata(Served(served.model_name, served.version, ""), signature_defs)
+
+  def status(self, spec: ModelSpec) -> list[VersionStatus]:
+    return self.models.status(spec.name, spec.version, spec.label)
+
+  def reload(self, configs: list[ModelConfig]) -> None:
+    """Serves exactly `configs` (ServedModels.reload), once every base path lies under a root.
+    Raises ServingError: INVALID_ARGUMENT for a base path outside the roots (nothing changes)."""
+    if self.base_path_roots is not None:
+      for config in configs:
+        self._check_under_roots(config)
+    self.models.reload(configs)
+    logging.info("Reloaded the model config: %s", sorted(self.models.models))
+
+  def _check_under_roots(self, config: ModelConfig) -> None:
+    real = os.path.realpath(config.base_path)  # `..` and symlinks resolved.
+    if not any(
+      real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+      for root in (self.base_path_roots)
+    ):
+      raise ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"model {config.name!r}: base_path {config.base_path!r} (resolved: {real}) is not under "
+        f"--model_base_path_roots {self.base_path_roots}; a reload may only serve models from "
+        "there",
+      )
+
+
+def _examples(examples: ExamplesInput, served: LoadedVersion, signature: SignatureInfo):
+  if callable(examples):
+    return examples(served.example_features.get(signature.name, {}))
+  return examples
+
+
+class RequestPath:
+  """The only way a request reaches a model: `serve` runs it on the handlers, maps a
+  ServingError to its status code and anything else to INTERNAL (logged), and records the
+  request in the metrics. A failure never outlives its request.
+
+  Hook point: routing (A/B, canary), shadowing and prediction logging belong here, in `serve`
+  (every request, its spec and its outcome pass through it) and in `RequestHandlers.resolve`
+  (the one place a spec picks a version). Add them there, not in a transport.
+  """
+
+  def __init__(self, handlers: RequestHandlers, metrics: Metrics):
+    self.handlers = handlers
+    self.metrics = metrics
+
+  def serve(
+    self, api: str, method: str, spec: ModelSpec, work: Callable[[RequestHandlers], R]
+  ) -> Outcome[R]:
+    """Runs `work(handlers)` for the request `method` of `api` ("grpc", "rest") on `spec`
+    (decoding included, so a malformed request is counted too). Never raises."""
+    start = time.perf_counter()
+    version = spec.version
+    try:
+      value = work(self.handlers)
+      outcome = Outcome(grpc.StatusCode.OK, "", value)
+      served = getattr(value, "served", None)
+      if served is not None:
+        version = served.version
+    except ServingError as e:
+      outcome = Outcome(e.code, e.message)
+    except Exception as e:
+      logging.exception("%s %s failed", api, method)
+      outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    self.metrics.observe(
+      api, method, spec.name, version, outcome.code.name, time.perf_counter() - start
+    )
+    return outcome
