@@ -10,6 +10,7 @@ import pytest
 
 from serving.server import batching
 from serving.server.errors import ServingError
+from tests.helpers.model_server import wait_for
 
 
 class Servable:
@@ -21,10 +22,12 @@ class Servable:
   def __init__(self, gate: threading.Event | None = None):
     self.batches = []
     self.gate = gate
+    self.entered = threading.Event()  # Set when a batch starts running.
 
   def execute(self, inputs):
+    self.entered.set()
     if self.gate is not None:
-      self.gate.wait(10)
+      assert self.gate.wait(30), "the test never opened the gate"
     self.batches.append({k: v.copy() for k, v in inputs.items()})
     return {"y": inputs["x"] * 2, "n": np.full(len(inputs["x"]), len(inputs["x"]))}
 
@@ -125,19 +128,20 @@ def test_a_full_queue_answers_unavailable(make_scheduler):
 
   running = threading.Thread(target=call, args=("running",))
   running.start()
-  while scheduler._queues:  # The first batch leaves the queue when a thread takes it.
-    time.sleep(0.001)
+  assert servable.entered.wait(30)  # The first batch runs, holding the only batch thread.
   queued = threading.Thread(target=call, args=("queued",))
   queued.start()
-  while not scheduler._queues:
-    time.sleep(0.001)
+  wait_for(lambda: scheduler.queued_tasks() == 1, 30, "the second request queued")
   with pytest.raises(ServingError) as error:
     scheduler.run(servable, "s", {"x": np.ones(1)}, servable.execute)
   assert error.value.code == grpc.StatusCode.UNAVAILABLE
-  assert "queue" in error.value.message and "full" in error.value.message
+  assert "The batch scheduling queue to which this task was submitted is full" in (
+    error.value.message
+  )
   gate.set()
-  running.join(10)
-  queued.join(10)
+  running.join(30)
+  queued.join(30)
+  assert not running.is_alive() and not queued.is_alive()
   assert all(isinstance(v, dict) for v in outcome.values()), outcome
 
 
@@ -187,8 +191,7 @@ def test_stop_runs_what_is_queued_then_refuses(make_scheduler):
     target=lambda: results.append(scheduler.run(servable, "s", {"x": np.ones(2)}, servable.execute))
   )
   waiting.start()
-  while not scheduler._queues:
-    time.sleep(0.001)
+  wait_for(lambda: scheduler.queued_tasks() == 1, 30, "the request queued")
   scheduler.stop()  # Does not wait out the minute-long timeout.
   waiting.join(10)
   np.testing.assert_array_equal(results[0]["y"], [2, 2])

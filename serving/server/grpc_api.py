@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 
 from serving.server import classify_regress, model_config, tensors
 from serving.server.errors import ServingError
-from serving.server.handlers import ModelSpec, Outcome, RequestPath
+from serving.server.handlers import ModelSpec, Outcome, Reply, RequestPath
 
 # The services whose health the standard health service reports, besides the server's ("").
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
@@ -74,7 +74,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       _fill_model_spec(response.model_spec, prediction.served)
       for name, value in prediction.outputs.items():
         tensors.fill_tensor_proto(response.outputs[name], value)
-      return response
+      return Reply(response, prediction.served)
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "Predict", spec, predict), context)
@@ -85,7 +85,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       answer = handlers.classify(spec, request.input)
       response = classification_pb2.ClassificationResponse(result=answer.result)
       _fill_model_spec(response.model_spec, answer.served)
-      return response
+      return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "Classify", spec, classify), context)
@@ -96,7 +96,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       answer = handlers.regress(spec, request.input)
       response = regression_pb2.RegressionResponse(result=answer.result)
       _fill_model_spec(response.model_spec, answer.served)
-      return response
+      return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "Regress", spec, regress), context)
@@ -107,7 +107,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       response = get_model_metadata_pb2.GetModelMetadataResponse()
       _fill_model_spec(response.model_spec, answer.served)
       response.metadata["signature_def"].Pack(answer.signature_defs)
-      return response
+      return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "GetModelMetadata", spec, metadata), context)
@@ -125,7 +125,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         if s.error:
           entry.status.error_code = _ERROR_UNKNOWN
           entry.status.error_message = s.error
-      return response
+      return Reply(response)
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "GetModelStatus", spec, status), context)
@@ -140,6 +140,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
       except ValueError as e:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
       handlers.reload(configs)
+      return Reply(None)
 
     outcome = self.path.serve("grpc", "HandleReloadConfigRequest", ModelSpec(""), reload)
     response = model_management_pb2.ReloadConfigResponse()

@@ -77,12 +77,22 @@ class Metadata:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Reply(Generic[R]):
+  """What a transport's work returns: its encoded answer and what served it (for metrics and
+  the hooks)."""
+
+  value: R
+  served: Served | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Outcome(Generic[R]):
   """A request's end: OK and its value, or a status code and message (value None)."""
 
   code: grpc.StatusCode
   message: str = ""
   value: R | None = None
+  served: Served | None = None
 
 
 class RequestHandlers:
@@ -186,18 +196,17 @@ class RequestPath:
     self.metrics = metrics
 
   def serve(
-    self, api: str, method: str, spec: ModelSpec, work: Callable[[RequestHandlers], R]
+    self, api: str, method: str, spec: ModelSpec, work: Callable[[RequestHandlers], Reply[R]]
   ) -> Outcome[R]:
     """Runs `work(handlers)` for the request `method` of `api` ("grpc", "rest") on `spec`
-    (decoding included, so a malformed request is counted too). Never raises."""
+    (decoding and encoding included, so a malformed request is counted too). Never raises."""
     start = time.perf_counter()
     version = spec.version
     try:
-      value = work(self.handlers)
-      outcome = Outcome(grpc.StatusCode.OK, "", value)
-      served = getattr(value, "served", None)
-      if served is not None:
-        version = served.version
+      reply = work(self.handlers)
+      outcome = Outcome(grpc.StatusCode.OK, "", reply.value, reply.served)
+      if reply.served is not None:
+        version = reply.served.version
     except ServingError as e:
       outcome = Outcome(e.code, e.message)
     except Exception as e:

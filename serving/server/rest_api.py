@@ -20,7 +20,6 @@ client that disconnects is logged in one line.
 
 from __future__ import annotations
 
-import base64
 import http.server
 import io
 import json
@@ -31,13 +30,11 @@ import threading
 import time
 
 import grpc
-import numpy as np
 from absl import logging
 
-from serving.server import classify_regress
+from serving.server import rest_actions
 from serving.server.errors import ServingError
 from serving.server.handlers import ModelSpec, RequestHandlers, RequestPath
-from serving.server.loaded_version import SignatureInfo, TensorSpec
 
 _ROUTE = re.compile(
   r"^/v1/models/(?P<name>[^/:]+)"
@@ -59,7 +56,6 @@ _HTTP_STATUS = {
   grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
   grpc.StatusCode.UNAVAILABLE: 503,
 }
-_DT_STRING = 7  # tensorflow.DataType
 _TOO_MANY = (
   b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
   b'Connection: close\r\nContent-Length: 46\r\n\r\n{"error": "too many connections; retry later"}'
@@ -146,7 +142,12 @@ class _DeadlineReader(io.RawIOBase):
       if timeout <= 0:
         raise TimeoutError(f"request not received within {self._read_timeout} s")
     self._sock.settimeout(timeout)
-    count = self._sock.recv_into(buffer)
+    try:
+      count = self._sock.recv_into(buffer)
+    except TimeoutError:
+      if self.deadline is None:
+        raise TimeoutError(f"idle for {IDLE_TIMEOUT_SECONDS} s") from None
+      raise TimeoutError(f"request not received within {self._read_timeout} s") from None
     if self.deadline is None and count:
       self.deadline = time.monotonic() + self._read_timeout
     return count
@@ -207,7 +208,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
           else grpc.StatusCode.NOT_FOUND,
           f"Malformed request: {method} {self.path}",
         )
-      return _ACTIONS[action](handlers, spec, body)
+      return rest_actions.ACTIONS[action](handlers, spec, body)
 
     outcome = self.server.path.serve("rest", _METHODS[action], spec, work)
     result = outcome.value if outcome.code == grpc.StatusCode.OK else {"error": outcome.message}
@@ -244,201 +245,6 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
       self.close_connection = True
     self.end_headers()
     self.wfile.write(payload)
-
-
-# The actions: (handlers, spec from the URL, body) -> a JSON-able answer with `.served`.
-
-
-class _Answer(dict):
-  """A JSON object that also names the version that answered (for the metrics)."""
-
-  def __init__(self, value: dict, served=None):
-    super().__init__(value)
-    self.served = served
-
-
-def status(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> dict:
-  return {
-    "model_version_status": [
-      {
-        "version": str(s.version),
-        "state": s.state,
-        "status": {"error_code": "UNKNOWN" if s.error else "OK", "error_message": s.error},
-      }
-      for s in handlers.status(spec)
-    ]
-  }
-
-
-def metadata(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> _Answer:
-  from google.protobuf import json_format
-
-  answer = handlers.metadata(spec, ["signature_def"])
-  served = answer.served
-  signature_defs = json_format.MessageToDict(
-    answer.signature_defs, preserving_proto_field_name=True
-  )
-  return _Answer(
-    {
-      "model_spec": {
-        "name": served.model_name,
-        "signature_name": "",
-        "version": str(served.version),
-      },
-      "metadata": {"signature_def": signature_defs},
-    },
-    served,
-  )
-
-
-def predict(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> _Answer:
-  """Row format ({"instances": [...]} -> {"predictions": [...]}) or columnar ({"inputs": ...}
-  -> {"outputs": ...}), as TF Serving's REST API."""
-  try:
-    request = json.loads(body or b"null")
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"request body is not JSON: {e}") from e
-  if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
-    raise ServingError(
-      grpc.StatusCode.INVALID_ARGUMENT,
-      'request must be a JSON object with exactly one of "instances" (row format) or "inputs" '
-      "(columnar format)",
-    )
-  row_format = "instances" in request
-
-  def inputs(signature: SignatureInfo) -> dict[str, np.ndarray]:
-    named = _named_inputs(request, signature.inputs, row_format)
-    return {key: _to_array(key, value, signature.inputs.get(key)) for key, value in named.items()}
-
-  signature_name = request.get("signature_name", "")
-  prediction = handlers.predict(_with_signature(spec, signature_name), inputs)
-  outputs = prediction.outputs
-  if row_format:
-    return _Answer({"predictions": _rows(outputs)}, prediction.served)
-  columns = {key: _to_json(key, value) for key, value in outputs.items()}
-  value = next(iter(columns.values())) if len(columns) == 1 else columns
-  return _Answer({"outputs": value}, prediction.served)
-
-
-def classify(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> _Answer:
-  parsed = classify_regress.examples_from_json(body, "classify")
-  answer = handlers.classify(_with_signature(spec, parsed.signature_name), parsed.to_input)
-  return _Answer(classify_regress.classification_json(answer.result), answer.served)
-
-
-def regress(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> _Answer:
-  parsed = classify_regress.examples_from_json(body, "regress")
-  answer = handlers.regress(_with_signature(spec, parsed.signature_name), parsed.to_input)
-  return _Answer(classify_regress.regression_json(answer.result), answer.served)
-
-
-def _with_signature(spec: ModelSpec, signature_name) -> ModelSpec:
-  if not isinstance(signature_name, str):
-    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "'signature_name' must be a string")
-  return ModelSpec(spec.name, spec.version, spec.label, signature_name)
-
-
-_ACTIONS = {
-  "": status,
-  "/metadata": metadata,
-  ":predict": predict,
-  ":classify": classify,
-  ":regress": regress,
-}
-
-
-def _named_inputs(request: dict, specs: dict[str, TensorSpec], row_format: bool) -> dict:
-  data = request["instances" if row_format else "inputs"]
-  only = next(iter(specs)) if len(specs) == 1 else None
-  if row_format:
-    if not isinstance(data, list) or not data:
-      raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, '"instances" must be a non-empty list')
-    if all(isinstance(row, dict) and "b64" not in row for row in data):
-      keys = set(data[0])
-      if any(set(row) != keys for row in data):
-        raise ServingError(
-          grpc.StatusCode.INVALID_ARGUMENT, "every instance must name the same inputs"
-        )
-      return {key: [row[key] for row in data] for key in keys}
-  elif isinstance(data, dict) and "b64" not in data:
-    return data
-  if only is None:
-    raise ServingError(
-      grpc.StatusCode.INVALID_ARGUMENT,
-      f"the signature takes inputs {sorted(specs)}: name them (a JSON object per instance, or "
-      '"inputs": {name: value})',
-    )
-  return {only: data}
-
-
-def _decode_b64(value):
-  if isinstance(value, dict):
-    if set(value) != {"b64"} or not isinstance(value["b64"], str):
-      raise ServingError(
-        grpc.StatusCode.INVALID_ARGUMENT, f'expected {{"b64": "<base64>"}}, got {value!r:.100}'
-      )
-    try:
-      return base64.b64decode(value["b64"], validate=True)
-    except ValueError as e:
-      raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid base64: {e}") from e
-  if isinstance(value, list):
-    return [_decode_b64(v) for v in value]
-  return value
-
-
-def _to_array(name: str, value, spec: TensorSpec | None) -> np.ndarray:
-  """JSON values -> an array of the signature's dtype (exact input names are checked later)."""
-  import tensorflow as tf
-
-  value = _decode_b64(value)
-  try:
-    if spec is not None and spec.dtype == _DT_STRING:
-      return np.array(value, dtype=object)
-    array = np.asarray(value)
-  except ValueError as e:  # Ragged lists.
-    raise ServingError(
-      grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}' is not a rectangular array: {e}"
-    ) from e
-  if spec is None:
-    return array
-  target = tf.as_dtype(spec.dtype)
-  kind = array.dtype.kind
-  compatible = (
-    (kind == "b" and target.is_bool)
-    or (kind in "iu" and (target.is_integer or target.is_floating))
-    or (kind == "f" and target.is_floating)
-  )
-  if not compatible:
-    raise ServingError(
-      grpc.StatusCode.INVALID_ARGUMENT,
-      f"input '{name}' holds {array.dtype.name} values but the signature expects {target.name}",
-    )
-  return array.astype(target.as_numpy_dtype)
-
-
-def _to_json(name: str, value: np.ndarray):
-  if value.dtype == object or value.dtype.kind == "S":
-    flat = [
-      {"b64": base64.b64encode(v).decode()}
-      if name.endswith("_bytes")
-      else v.decode("utf-8", "replace")
-      for v in value.reshape(-1)
-    ]
-    return np.array(flat, dtype=object).reshape(value.shape).tolist()
-  return value.tolist()
-
-
-def _rows(outputs: dict[str, np.ndarray]) -> list:
-  columns = {key: _to_json(key, value) for key, value in outputs.items()}
-  if len(columns) == 1:
-    return next(iter(columns.values()))
-  sizes = {len(v) if isinstance(v, list) else 0 for v in columns.values()}
-  if len(sizes) != 1:
-    raise ServingError(
-      grpc.StatusCode.INVALID_ARGUMENT,
-      'outputs have different batch sizes; use the columnar format ("inputs")',
-    )
-  return [{key: value[i] for key, value in columns.items()} for i in range(sizes.pop())]
 
 
 def build(

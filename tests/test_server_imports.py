@@ -1,0 +1,71 @@
+"""The model server imports neither JAX, Flax nor the trainer; the contract imports nothing heavy.
+
+Each check runs in a fresh interpreter (this test process has long imported JAX). TensorFlow
+itself imports JAX when it is installed (tensorflow.lite's flatbuffer utilities), and tolerates
+its absence, so the server modules are imported with those packages made unimportable, as on a
+machine that has only the serving requirements: any import of them by our code fails the test.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.model_server import REPO, SERVER_ENV
+
+pytest.importorskip("tensorflow", reason="the server needs TensorFlow (make install)")
+
+_FORBIDDEN = ("jax", "jaxlib", "flax", "trainer")
+_BLOCK = f"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in {_FORBIDDEN!r}:
+      raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _imported_roots(code: str) -> set[str]:
+  """Top-level packages in sys.modules after running `code` in a fresh interpreter that
+  cannot import JAX, Flax or trainer."""
+  report = "\nimport sys; print(sorted({m.split('.')[0] for m in sys.modules}))"
+  proc = subprocess.run(
+    [sys.executable, "-c", _BLOCK + code + report],
+    cwd=REPO,
+    env=SERVER_ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return set(eval(proc.stdout.strip().splitlines()[-1]))  # A list literal of names.
+
+
+def _server_modules() -> list[str]:
+  package = os.path.join(REPO, "serving", "server")
+  names = sorted(f[:-3] for f in os.listdir(package) if f.endswith(".py"))
+  return [f"serving.server.{name}" for name in names if name != "__main__"]
+
+
+def test_the_server_package_imports_no_jax_flax_or_trainer():
+  modules = _server_modules()
+  assert {"serving.server.main", "serving.server.grpc_api", "serving.server.rest_api"} <= set(
+    modules
+  )
+  code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+  roots = _imported_roots(code)
+  assert {"tensorflow", "tensorflow_serving", "grpc"} <= roots  # The imports really ran.
+  assert roots.isdisjoint(_FORBIDDEN), sorted(roots & set(_FORBIDDEN))
+
+
+def test_the_blocker_would_catch_an_import_of_jax():
+  with pytest.raises(AssertionError, match="jax is not installed here"):
+    _imported_roots("import jax")
+
+
+def test_the_contract_imports_neither_jax_nor_tensorflow():
+  roots = _imported_roots("import serving.contract")
+  assert "serving" in roots
+  assert roots.isdisjoint({"tensorflow", "tensorflow_serving", "numpy", "grpc"}), roots
