@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from serving import lm_text
+from serving import contract, lm_text
 from serving.model_client import (
   DEFAULT_SIGNATURE,
   ClientError,
@@ -106,7 +106,7 @@ def signature_summary(signature_defs) -> dict:
   return {
     name: {"inputs": describe(d.inputs), "outputs": describe(d.outputs)}
     for name, d in sorted(signature_defs.items())
-    if not name.startswith("__")
+    if not name.startswith(contract.INTERNAL_SIGNATURE_PREFIX)
   }
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import grpc
 import numpy as np
 
+from serving import contract
 from serving.api_protos import (
   get_model_metadata_pb2,
   get_model_status_pb2,
@@ -25,7 +26,7 @@ from serving.api_protos import (
 )
 from serving.server import tensors
 
-DEFAULT_SIGNATURE = "serving_default"
+DEFAULT_SIGNATURE = contract.DEFAULT_SIGNATURE
 # tensorflow.DataType -> numpy dtype, beyond the numeric ones whose bytes are their values.
 _NUMPY_DTYPES = {enum: dtype for dtype, enum in tensors.NUMERIC_DTYPES.items()}
 _NUMPY_DTYPES.update({types_pb2.DT_BOOL: np.dtype(bool), types_pb2.DT_STRING: np.dtype(object)})
