@@ -355,7 +355,7 @@ def test_client_cli(server, pixels, expected, tmp_path):
       env=model_server.SERVER_ENV,
       capture_output=True,
       text=True,
-      timeout=120,
+      timeout=300,
     )
 
   result = client(f"--input={inputs}", "--json")

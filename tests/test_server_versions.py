@@ -158,7 +158,7 @@ def test_a_label_naming_no_available_version_stops_the_server_at_start(tmp_path)
     env=model_server.SERVER_ENV,
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=300,
   )
   assert proc.returncode == 1
   assert "version labels may only name available versions" in proc.stderr

@@ -145,7 +145,7 @@ class Server:
   def __exit__(self, *exc_info) -> None:
     self.stop()
 
-  def wait_ready(self, timeout_s: float = 120) -> None:
+  def wait_ready(self, timeout_s: float = 600) -> None:
     """Until the model's status answers over REST (the ports open after the initial load)."""
 
     def ready() -> bool:
