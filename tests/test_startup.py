@@ -34,10 +34,24 @@ def _train_cli(workdir, *overrides):
   )
 
 
+def _wait_until_sigterm_blocked(pid: int, timeout_s: float = 60.0) -> None:
+  """Polls /proc/PID/status until the process blocks SIGTERM (its SigBlk mask has the bit)."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    with open(f"/proc/{pid}/status") as f:
+      status = dict(line.split(":", 1) for line in f if ":" in line)
+    if int(status["SigBlk"].strip(), 16) & (1 << (signal.SIGTERM - 1)):
+      return
+    time.sleep(0.005)
+  raise AssertionError(f"process {pid} did not block SIGTERM within {timeout_s} s")
+
+
 def test_sigterm_in_the_first_second_exits_0_with_a_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   proc = _train_cli(workdir)
-  time.sleep(0.5)  # Still importing: long before the training loop exists.
+  # As soon as trainer.main has blocked SIGTERM (its first statement, before any import): still
+  # importing, long before the training loop exists.
+  _wait_until_sigterm_blocked(proc.pid)
   assert proc.poll() is None
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=300)
@@ -77,3 +91,25 @@ def test_eta_after_resume_is_sane(tmp_path, one_device, caplog):
     eta = re.search(r"ETA (\d+):(\d\d):(\d\d)$", line)
     assert eta, line  # h:mm:ss, no "days"
     assert int(eta.group(1)) * 3600 + int(eta.group(2)) * 60 + int(eta.group(3)) < 600, line
+
+
+def test_preemption_watcher_unblocks_sigterm_for_the_loop_only():
+  """trainer.main blocks SIGTERM from its first line; the watcher receives it during the loop and
+  blocks it again afterwards, so a SIGTERM after the loop cannot cut the final save short."""
+  from trainer.preemption import PreemptionWatcher
+
+  blocked = lambda: signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # noqa: E731
+  assert not blocked()
+  with PreemptionWatcher():  # Not blocked before (a library call): the mask is left alone.
+    assert not blocked()
+  assert not blocked()
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+  try:
+    with PreemptionWatcher() as watcher:
+      assert not blocked()
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)  # The handler runs in the main thread between bytecodes.
+      assert watcher.should_stop(1)
+    assert blocked()
+  finally:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})

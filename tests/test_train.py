@@ -116,9 +116,13 @@ def test_keeps_last_k_plus_best_k(smoke_config, tmp_path):
 
 def test_early_stopping(smoke_config, tmp_path):
   smoke_config.train.num_steps = 200
-  smoke_config.optim.learning_rate = 0.0  # Nothing improves after the first eval.
+  # Nothing improves by min_delta after the first eval.
   smoke_config.eval.update(
-    every_steps=5, early_stopping_patience=2, best_metric="loss", best_mode="min"
+    every_steps=5,
+    early_stopping_patience=2,
+    best_metric="loss",
+    best_mode="min",
+    early_stopping_min_delta=1e9,
   )
   result = train.train_and_evaluate(smoke_config, str(tmp_path))
   assert result.stopped_early
@@ -141,9 +145,13 @@ def test_training_never_imports_tensorflow(tmp_path):
 
 
 def test_early_stopping_patience_carries_across_resume(smoke_config, tmp_path):
-  smoke_config.optim.learning_rate = 0.0  # Nothing improves after the first eval.
+  # Nothing improves by min_delta after the first eval.
   smoke_config.eval.update(
-    every_steps=5, early_stopping_patience=3, best_metric="loss", best_mode="min"
+    every_steps=5,
+    early_stopping_patience=3,
+    best_metric="loss",
+    best_mode="min",
+    early_stopping_min_delta=1e9,
   )
   smoke_config.train.num_steps = 10  # Evals at 5 (best) and 10 (one without improvement).
   assert not train.train_and_evaluate(smoke_config, str(tmp_path)).stopped_early

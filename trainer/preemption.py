@@ -23,6 +23,7 @@ class PreemptionWatcher:
     self._event = threading.Event()
     self._previous = None
     self._multi_process = False
+    self._was_blocked = False
 
   def should_stop(self, step: int) -> bool:
     if self._multi_process:
@@ -44,9 +45,14 @@ class PreemptionWatcher:
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
     if threading.current_thread() is threading.main_thread():
       # trainer.main blocks SIGTERM until now, so one sent during setup is delivered here.
-      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+      previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+      self._was_blocked = signal.SIGTERM in previous_mask
     return self
 
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+    if self._was_blocked:
+      # Blocked again for the rest of the run (final save, eval, report): a SIGTERM now waits
+      # and the process still exits 0 with its last checkpoint complete.
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
