@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = {
   "data.name": choice("digits", "synthetic", "npz", "array_record", "text"),
   "data.train_path": text(),  # Opened and checked by trainer.data.sources.
   "data.eval_path": text(),
+  "data.test_path": text(),
   "data.inputs_key": text(nonempty=True),
   "data.labels_key": text(nonempty=True),
   "data.num_classes": integer(min=0),
