@@ -37,6 +37,9 @@ DEFAULT_BATCH_SIZE = 256
 # Blocks per actor: enough to keep each busy while the next block is fetched.
 BLOCKS_PER_ACTOR = 4
 LOCAL_START_ATTEMPTS = 3
+# A local Ray's shared memory for blocks (the inputs and outputs in flight); beyond it Ray
+# spills to disk.
+DEFAULT_OBJECT_STORE_BYTES = 512 << 20
 
 
 class BatchPredictError(ValueError):
@@ -121,7 +124,12 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     ) from e
 
 
-def init_ray(address: str | None, num_cpus: int | None, num_actors: int = 2) -> bool:
+def init_ray(
+  address: str | None,
+  num_cpus: int | None,
+  num_actors: int = 2,
+  object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
+) -> bool:
   """Connects to (or starts) Ray; True when this call started it (and should shut it down).
 
   A local Ray gets at least num_actors + 1 logical CPUs: each actor holds one for its life, and
@@ -146,7 +154,7 @@ def init_ray(address: str | None, num_cpus: int | None, num_actors: int = 2) -> 
         num_cpus=num_cpus or max(os.cpu_count() or 1, num_actors + 1),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        object_store_memory=256 * 1024 * 1024,
+        object_store_memory=object_store_bytes,
         log_to_driver=False,
       )
       return True
