@@ -157,7 +157,9 @@ def judge_window(
   share = float(np.mean([f.drifted for f in features]))
   accuracy = None
   if labels is not None and kind == "classification" and "classes" in logs.outputs:
-    baseline = (profile["model"].get("eval_metrics") or {}).get("eval/accuracy")
+    baseline = profile["model"].get("heldout_accuracy")
+    if baseline is None:
+      baseline = (profile["model"].get("eval_metrics") or {}).get("eval/accuracy")
     accuracy = _accuracy(np.asarray(logs.outputs["classes"]), labels, baseline, options)
   return WindowResult(
     index=index,

@@ -10,14 +10,16 @@ older export with
 Schema (`SCHEMA_VERSION` 1; a reader refuses other versions):
 
   schema_version: 1
-  model: {kind: classification|language_model, num_classes, checkpoint_step, eval_metrics}
+  model: {kind: classification|language_model, num_classes, checkpoint_step, eval_metrics,
+          heldout_accuracy (the SavedModel's accuracy on the predictions' split), pad_id}
   input: {name, dtype, row_shape}      the serving signature's input, per row (logs must match)
   groups: {group: [feature, ...]}       "inputs" (one feature per flattened input value) for
                                         classifiers; "tokens" and "sequence_length" for LMs
-  predictions: {group: [feature, ...]}  the served outputs on the eval split: "classes"
+  predictions: {group: [feature, ...]}  the served outputs on the held-out split (test, else
+                                        validation; source.eval_split): "classes"
                                         (classifiers) / "next_token" (LMs), and "confidence"
                                         (max probability)
-  source: {training_rows, eval_rows, data_fingerprint}
+  source: {training_rows, eval_rows, eval_split, data_fingerprint}
 
 and each feature:
 
@@ -256,6 +258,9 @@ class ProfileInputs:
   checkpoint_step: int | None
   eval_metrics: dict | None
   data_fingerprint: str | None
+  # Labels of `eval_inputs` (classifiers), for the held-out accuracy the monitor compares with.
+  eval_labels: np.ndarray | None = None
+  eval_split: str = "test"
 
 
 def build_profile(inputs: ProfileInputs, predict) -> dict:
@@ -269,6 +274,10 @@ def build_profile(inputs: ProfileInputs, predict) -> dict:
   predictions = {
     group: describe(matrix, group) for group, matrix in output_groups(inputs.kind, outputs).items()
   }
+  accuracy = None
+  if inputs.eval_labels is not None and "classes" in outputs:
+    labels = np.asarray(inputs.eval_labels)[: len(eval_rows)]
+    accuracy = float(np.mean(np.asarray(outputs["classes"]).reshape(-1) == labels))
   return {
     "schema_version": SCHEMA_VERSION,
     "model": {
@@ -276,6 +285,7 @@ def build_profile(inputs: ProfileInputs, predict) -> dict:
       "num_classes": inputs.num_classes,
       "checkpoint_step": inputs.checkpoint_step,
       "eval_metrics": inputs.eval_metrics,
+      "heldout_accuracy": accuracy,
       "pad_id": inputs.pad_id,
     },
     "input": {
@@ -288,6 +298,7 @@ def build_profile(inputs: ProfileInputs, predict) -> dict:
     "source": {
       "training_rows": len(inputs.training_inputs),
       "eval_rows": len(eval_rows),
+      "eval_split": inputs.eval_split,
       "data_fingerprint": inputs.data_fingerprint,
     },
   }

@@ -37,12 +37,12 @@ def _manifest(saved_model: str, workdir: str | None) -> dict:
   return manifest
 
 
-def _sample_inputs(source, max_rows: int) -> np.ndarray:
-  """Up to `max_rows` inputs spread evenly over a data source."""
+def _sample(source, max_rows: int, key: str = "inputs") -> np.ndarray:
+  """Up to `max_rows` values of `key` spread evenly over a data source."""
   indices = np.unique(np.linspace(0, len(source) - 1, min(len(source), max_rows)).astype(np.int64))
   if hasattr(source, "take"):
-    return np.asarray(source.take(indices)["inputs"])
-  return np.stack([np.asarray(source[int(i)]["inputs"]) for i in indices])
+    return np.asarray(source.take(indices)[key])
+  return np.stack([np.asarray(source[int(i)][key]) for i in indices])
 
 
 def profile_inputs(saved_model: str, signature, workdir: str | None = None):
@@ -70,6 +70,12 @@ def profile_inputs(saved_model: str, signature, workdir: str | None = None):
   def as_served(x):
     return np.asarray(x).reshape(len(x), *serving_shape).astype(dtype)
 
+  # Predictions on the split the held-out accuracy is reported on: test when the data has one.
+  split = "test" if dataset.test is not None else "validation"
+  held_out = dataset.split(split)
+  labels = None
+  if kind != "language_model":
+    labels = _sample(held_out, profile_lib.MAX_PREDICTION_ROWS, "labels").astype(np.int64)
   pad_id, max_rows = None, profile_lib.MAX_TRAINING_ROWS
   if kind == "language_model":
     from trainer.data import text
@@ -80,8 +86,10 @@ def profile_inputs(saved_model: str, signature, workdir: str | None = None):
     input_name=input_name,
     input_dtype=dtype.name,
     row_shape=row_shape,
-    training_inputs=as_served(_sample_inputs(dataset.train, max_rows)),
-    eval_inputs=as_served(_sample_inputs(dataset.validation, profile_lib.MAX_PREDICTION_ROWS)),
+    training_inputs=as_served(_sample(dataset.train, max_rows)),
+    eval_inputs=as_served(_sample(held_out, profile_lib.MAX_PREDICTION_ROWS)),
+    eval_labels=labels,
+    eval_split=split,
     pad_id=pad_id,
     num_classes=spec["num_classes"],
     checkpoint_step=manifest.get("checkpoint_step"),

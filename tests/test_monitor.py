@@ -78,13 +78,13 @@ def saved_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logs(saved_model, tmp_path_factory):
-  """Logs of the validation split as served, then of shifted inputs."""
+  """Logs of the test split as served, then (an hour later) of the same rows shifted."""
   from configs import digits_cnn
   from trainer.data import load_dataset
 
   dataset = load_dataset(digits_cnn.get_config("smoke").data)
-  rows = dataset.validation.inputs.reshape(len(dataset.validation), -1)
-  labels = dataset.validation.labels
+  rows = dataset.test.inputs.reshape(len(dataset.test), -1)
+  labels = dataset.test.labels
   shifted = rows.copy()
   shifted[:, ::2] = 16 - shifted[:, ::2]  # half the pixels inverted
   directory = tmp_path_factory.mktemp("logs")
@@ -136,7 +136,7 @@ def test_small_windows_get_no_verdict(saved_model, logs, tmp_path):
 
 def test_accuracy_alerts_on_wrong_feedback_only(saved_model, logs, tmp_path):
   directory, _, labels = logs
-  baseline = profile.read_profile(saved_model)["model"]["eval_metrics"]["eval/accuracy"]
+  baseline = profile.read_profile(saved_model)["model"]["heldout_accuracy"]
   options = monitor_windows.MonitorOptions(window_s=3600)
   right = tmp_path / "right.csv"
   right.write_text(
@@ -194,7 +194,7 @@ def test_cli_errors_are_one_line(saved_model, logs, tmp_path):
 
 
 def test_cli_writes_the_report_and_serves_gauges(saved_model, logs, tmp_path):
-  directory, _, _ = logs
+  directory, rows, _ = logs
   port = model_server.free_port()
   proc = subprocess.Popen(
     [
@@ -229,5 +229,5 @@ def test_cli_writes_the_report_and_serves_gauges(saved_model, logs, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err[-2000:]
-  assert "window 1: 270 rows" in out and "DATASET DRIFT" in out  # The validation split.
+  assert f"window 1: {len(rows)} rows" in out and "DATASET DRIFT" in out
   assert (tmp_path / "report.md").exists() and (tmp_path / "drift_over_time.png").exists()

@@ -51,10 +51,12 @@ def test_export_writes_a_profile_of_the_training_data(saved_model):
   numeric = [f for f in features if "bins" in f]
   assert numeric and all(2 <= len(f["bins"]["edges"]) <= profile.NUM_BINS + 1 for f in numeric)
   assert all(sum(f["bins"]["counts"]) == len(pixels) for f in numeric)
-  # The served classes on the eval split: every eval row counted once, 10 classes at most.
+  # The served classes on the test split: every row counted once, 10 classes at most.
   classes = written["predictions"]["classes"][0]
   assert classes["kind"] == "categorical"
-  assert sum(classes["values"]["counts"]) == len(dataset.validation)
+  assert sum(classes["values"]["counts"]) == len(dataset.test)
+  assert written["source"]["eval_split"] == "test"
+  assert 0.5 < written["model"]["heldout_accuracy"] <= 1.0
   assert set(classes["values"]["values"]) <= set(range(10))
 
 

@@ -34,8 +34,8 @@ from serving.batch_predict import predictor
 
 FLAGS = flags.FLAGS
 DEFAULT_BATCH_SIZE = 256
-# Blocks per actor: enough to keep each busy while the next block is fetched.
-BLOCKS_PER_ACTOR = 4
+# At most this many batches per Ray block.
+BATCHES_PER_BLOCK = 16
 LOCAL_START_ATTEMPTS = 3
 # A local Ray's shared memory for blocks (the inputs and outputs in flight); beyond it Ray
 # spills to disk.
@@ -214,8 +214,9 @@ def run(
   key = input_key or signature.input_name
   rows = inputs_lib.read_inputs(input_path, key, signature.row_shape, signature.dtype)
   start = time.perf_counter()
-  per_block = max(batch_size, -(-len(rows) // (num_actors * BLOCKS_PER_ACTOR)))
-  per_block = -(-per_block // batch_size) * batch_size  # whole batches per block
+  # Small blocks of whole batches: they stream through the pool within Ray Data's object store
+  # budget (one block of a quarter of the rows each stalls a pool of 1 on 500k rows).
+  per_block = batch_size * max(1, min(BATCHES_PER_BLOCK, -(-len(rows) // (batch_size * num_actors))))
   blocks = inputs_lib.to_blocks(rows, signature.input_name, per_block)
   dataset = ray.data.from_arrow(blocks).map_batches(
     predictor.SavedModelPredictor,
