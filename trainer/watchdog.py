@@ -14,13 +14,16 @@ Why a watchdog: a process whose peers are alive but stuck (a collective that nev
 hung filesystem, a reader thread that died) passes every heartbeat. When no step completes for
 the stall timeout, the watchdog logs the stage the loop was in and the Python stack of every
 thread, then exits the process with STALL_EXIT_CODE; every process runs its own, so all of them
-exit and the scheduler's restart resumes from the last checkpoint.
+exit and the scheduler's restart resumes from the last checkpoint. A hang that holds the GIL would stop
+the watchdog's own thread too; faulthandler's C-level timer, re-armed by that thread every
+second, then dumps every thread's stack and exits with status 1.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import faulthandler
 import os
 import sys
 import threading
@@ -179,6 +182,7 @@ class StepWatchdog:
     self._stop.set()
     if self._thread:
       self._thread.join()
+    faulthandler.cancel_dump_traceback_later()
 
   def _watch(self) -> None:
     while not self._stop.wait(min(1.0, self.timeout() / 10)):
@@ -186,6 +190,9 @@ class StepWatchdog:
         idle = time.monotonic() - self._last_progress
         stage, step = self._stage, self._completed_step
       timeout = self.timeout()
+      # Backstop for a hang that holds the GIL (this thread then never runs again): faulthandler's
+      # C thread dumps every thread's stack and exits 1 unless re-armed here in time.
+      faulthandler.dump_traceback_later(max(timeout - idle, 0) + max(timeout, 60), exit=True)
       if idle > timeout:
         self._report_stall(stage, step, idle, timeout)
         self._on_stall(STALL_EXIT_CODE)
