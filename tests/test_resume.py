@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,11 +42,14 @@ def straight_run(tmp_path_factory):
 
 
 def test_synchronous_saves_resume_exactly(straight_run, tmp_path):
-  sync = {**OVERRIDES, "checkpoint.async_save": False}
-  first = train.train_and_evaluate(smoke_config({**sync, "train.num_steps": 8}), str(tmp_path))
-  assert first.step == 8 and checkpointing.existing_steps(str(tmp_path)) == [4, 8]
-  assert train.train_and_evaluate(smoke_config(sync), str(tmp_path)).step == 12
-  step, state, data = restore_latest(smoke_config(sync), tmp_path)
+  config = smoke_config({**OVERRIDES, "checkpoint.async_save": False})
+  assert train.train_and_evaluate(config, str(tmp_path)).step == 12
+  assert checkpointing.existing_steps(str(tmp_path)) == [4, 8, 12]
+  assert restore_latest(config, tmp_path)[0] == 12
+  # Lose the last step (as if the job died before it), then resume from step 8.
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), "12"))
+  assert train.train_and_evaluate(config, str(tmp_path)).step == 12
+  step, state, data = restore_latest(config, tmp_path)
   assert (step, data) == straight_run[::2]
   jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])  # Bitwise.
 
