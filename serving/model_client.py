@@ -155,9 +155,14 @@ class ModelClient:
     try:
       return method(request, timeout=self.connection.timeout_seconds)
     except grpc.RpcError as e:
-      if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+      if e.code() == grpc.StatusCode.UNAVAILABLE:
         raise ClientError(
           f"cannot reach a model server at {self.connection.server}: {e.details()}"
+        ) from e
+      if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise ClientError(
+          f"no answer from {self.connection.server} within {self.connection.timeout_seconds:g} s "
+          "(a first request of a new shape compiles the model); raise --timeout_seconds"
         ) from e
       raise ClientError(f"server answered {e.code().name}: {e.details()}") from e
 

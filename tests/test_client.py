@@ -20,7 +20,7 @@ from tests.helpers import model_server
 from trainer import train
 from trainer.data import text as text_data
 
-MAX_NEW_TOKENS = 6
+MAX_NEW_TOKENS = 4
 PROMPT = "def main("
 
 
@@ -37,8 +37,13 @@ def served(tmp_path_factory):
   train.train_and_evaluate(config, str(root / "lm_run"), jax.devices()[:1])
   exporter.export(str(root / "lm_run"), str(root / "models"), max_new_tokens=MAX_NEW_TOKENS)
   args = ["--model_name=lm", f"--model_base_path={root / 'models'}"]
-  with model_server.Server(args, str(root / "server.log"), model_name="lm") as server:
+  server = model_server.Server(args, str(root / "server.log"), model_name="lm")
+  try:
+    # Four signatures to warm up; a shared 2-core machine has taken over 3 minutes.
+    server.wait_ready(timeout_s=600)
     yield server, str(root / "models" / "1")
+  finally:
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +58,19 @@ def saved_model(served):
 def _client(server, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
   command = ["-m", "serving.client"] if code is None else ["-c", code]
   return subprocess.run(
-    [sys.executable, *command, f"--server=127.0.0.1:{server.grpc_port}", *args],
+    # A first request of a new shape compiles on the server: slow on a busy machine.
+    [
+      sys.executable,
+      *command,
+      f"--server=127.0.0.1:{server.grpc_port}",
+      "--timeout_seconds=300",
+      *args,
+    ],
     cwd=model_server.REPO,
     env={k: v for k, v in model_server.SERVER_ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=400,
   )
 
 
@@ -70,11 +82,19 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 def test_metadata_prints_one_aligned_row_per_tensor(served):
   server = served[0]
   assert _ok(_client(server, "--model=lm", "--metadata")).splitlines() == [
-    "signature        kind    tensor     dtype    shape",
-    "generate         input   tokens     int32    [-1, -1]",
-    "generate         output  tokens     int32    [-1, 6]",
-    "serving_default  input   tokens     int32    [-1, -1]",
-    f"serving_default  output  log_probs  float32  [-1, {text_data.VOCAB_SIZE}]",
+    "signature        kind    tensor       dtype    shape",
+    "generate         input   tokens       int32    [-1, -1]",
+    f"generate         output  tokens       int32    [-1, {MAX_NEW_TOKENS}]",
+    "generate_text    input   text         string   [-1]",
+    "generate_text    output  text         string   [-1]",
+    f"generate_text    output  tokens       int32    [-1, {MAX_NEW_TOKENS}]",
+    "sample           input   seed         int32    [-1]",
+    "sample           input   temperature  float32  [-1]",
+    "sample           input   tokens       int32    [-1, -1]",
+    "sample           input   top_k        int32    [-1]",
+    f"sample           output  tokens       int32    [-1, {MAX_NEW_TOKENS}]",
+    "serving_default  input   tokens       int32    [-1, -1]",
+    f"serving_default  output  log_probs    float32  [-1, {text_data.VOCAB_SIZE}]",
   ]
   summary = json.loads(_ok(_client(server, "--model=lm", "--metadata", "--json")))
   assert summary["generate"]["inputs"]["tokens"] == {"dtype": "int32", "shape": [-1, -1]}
