@@ -1,7 +1,7 @@
 r"""Trains a model from a config file.
 
   python -m trainer.main --config=configs/digits_cnn.py --workdir=/tmp/run1 \
-      --config.optim.learning_rate=3e-3 --config.mesh.data=-1
+      --config.optim.learning_rate=1e-3 --config.train.num_steps=600
 
 Bad input (a config file that does not load, a misspelled or out-of-range field, an unusable
 workdir or data file) ends the run with one line `error: ...` on stderr and exit code 1, before
