@@ -9,6 +9,9 @@ WORKDIR ?= runs/digits_cnn-$(RUN_ID)
 CONFIG ?= configs/digits_cnn.py
 # Exported versions land in $(EXPORT_BASE)/<version>, the layout TF Serving reads.
 EXPORT_BASE ?= runs/models/digits
+MODEL_NAME ?= digits
+# The TF Serving model config file `promote` keeps the labels in.
+MODEL_CONFIG ?= runs/models/models.config
 
 .PHONY: install install-train run test lint format bench clean
 
@@ -28,10 +31,20 @@ install-train: $(BIN)/.installed-train
 
 install: $(BIN)/.installed
 
+# `make run`: train -> register (export) -> validate (against the current production version,
+# if any) -> promote to production -> serve the generated model config -> one gRPC Predict by
+# the label `production` -> lineage. The registry is MLflow's SQLite store in the project root.
 run: install
 	$(BIN)/python -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(BIN)/python -m serving.export --workdir=$(WORKDIR) --export_base=$(EXPORT_BASE)
-	scripts/serve_and_query.sh $(EXPORT_BASE) digits
+	$(BIN)/python -m mlops.registry register --workdir=$(WORKDIR) --export_base=$(EXPORT_BASE) \
+	  --name=$(MODEL_NAME) > $(WORKDIR)/registered.txt && cat $(WORKDIR)/registered.txt
+	version=$$(sed -n 's/.* version \([0-9]*\): .*/\1/p' $(WORKDIR)/registered.txt) && \
+	  $(BIN)/python -m mlops.validate --name=$(MODEL_NAME) --candidate=$$version && \
+	  $(BIN)/python -m mlops.registry promote --name=$(MODEL_NAME) --version=$$version \
+	    --alias=production --model_config_file=$(MODEL_CONFIG) --reason="make run"
+	scripts/serve_and_query.sh $(MODEL_CONFIG) $(MODEL_NAME) production
+	$(BIN)/python -m mlops.registry lineage $(MODEL_NAME)@production
+	@echo "browse the runs and the registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: install
 	$(BIN)/python -m pytest

@@ -169,6 +169,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.tracking.flush_timeout_s = 60.0
   # Write the experiment report (python -m mlops.report) at the end and log it as an artifact.
   config.tracking.report = True
+
+  # Free text for the model card (mlops/model_card.py); empty prints "not provided".
+  config.card = ml_collections.ConfigDict()
+  config.card.intended_use = ""
+  config.card.out_of_scope_use = ""
+  config.card.ethical_considerations = ""
   return config
 
 

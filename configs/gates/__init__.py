@@ -1,0 +1,1 @@
+"""Validation-gate thresholds (`python -m mlops.validate --gate=configs/gates/<model>.py`)."""

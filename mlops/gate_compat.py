@@ -1,0 +1,93 @@
+"""The gate's compatibility checks (the TF Serving release production runs; signatures unchanged
+versus the baseline), and the golden inputs the served-path checks send with the JAX function's
+answers to them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mlops.gate_quality import make_check
+from mlops.registry_store import RegistryError
+
+
+def signatures(version_dir: str) -> dict[str, dict]:
+  """{signature: {"method", "inputs": {name: (dtype, shape)}, "outputs": ...}} of a SavedModel."""
+  from tensorflow.core.protobuf import saved_model_pb2
+
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+
+  def tensors(mapping):
+    return {
+      k: (int(v.dtype), [int(d.size) for d in v.tensor_shape.dim]) for k, v in mapping.items()
+    }
+
+  found = {}
+  for meta_graph in proto.meta_graphs:
+    for name, sig in meta_graph.signature_def.items():
+      if name.startswith("__"):
+        continue
+      found[name] = {
+        "method": sig.method_name,
+        "inputs": tensors(sig.inputs),
+        "outputs": tensors(sig.outputs),
+      }
+  return found
+
+
+def checks(candidate_dir, baseline_dir, release: str, allow_signature_change: bool) -> list[dict]:
+  from serving.export import compatibility
+
+  try:
+    verdict = compatibility.check_saved_model(candidate_dir, release)
+  except ValueError as e:
+    raise RegistryError(str(e)) from e
+  found = [
+    make_check(
+      f"compat.tf_serving_{release}",
+      None,
+      f"runs on TF Serving {release}",
+      verdict.compatible,
+      verdict.message.split(". ")[0],
+    )
+  ]
+  if baseline_dir is None:
+    return found
+  mine, theirs = signatures(candidate_dir), signatures(baseline_dir)
+  changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  detail = f"changed: {', '.join(changed)}" if changed else "identical to the baseline's"
+  if changed and allow_signature_change:
+    detail += " (allowed by --allow_signature_change)"
+  found.append(
+    make_check(
+      "compat.signatures", len(changed), "0 changed", not changed or allow_signature_change, detail
+    )
+  )
+  return found
+
+
+def golden(workdir: str, step: int, gate) -> tuple[dict, dict]:
+  """(serving_default inputs of the first test examples, what the JAX function answers)."""
+  import jax
+
+  from mlops.gate_quality import test_split
+  from serving.export import exporter, loading
+  from trainer.data.sources import load_dataset
+
+  model = loading.load(workdir, str(step))
+  _, source, _ = test_split(load_dataset(model.config.data))
+  batch = source.take(np.arange(min(gate.served.golden_examples, len(source))))
+  spec = model.data_spec
+  if spec["kind"] == "language_model":
+    inputs = {"tokens": np.asarray(batch["inputs"][:, : min(16, spec["input_shape"][0])])}
+  else:
+    rows = np.asarray(batch["inputs"], np.float32)
+    inputs = {"inputs": rows.reshape(len(rows), *spec["serving_input_shape"])}
+  signature = next(
+    s for s in exporter.build_signatures(model, max_new_tokens=4) if s.name == "serving_default"
+  )
+  expected = jax.device_get(jax.jit(signature.fn)(model.variables, inputs))
+  return inputs, {k: np.asarray(v) for k, v in expected.items()}

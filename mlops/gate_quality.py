@@ -1,0 +1,232 @@
+"""The gate's quality checks: a version evaluated on the pinned test split, per example, and the
+paired statistics that compare a candidate with its baseline on the same examples.
+
+Every comparison is paired (both models answer the same examples), and a regression is judged on
+the pessimistic end of its confidence interval: a candidate passes `max_regression` only when
+the data show, at the gate's confidence, that it regressed less than that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from mlops.registry_store import RegistryError
+
+HIGHER_IS_BETTER = {"accuracy": True, "loss": False, "perplexity": False}
+METRICS = {"classification": ("accuracy", "loss"), "language_model": ("loss", "perplexity")}
+BATCH = 256
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Per-example results of one version on the test split."""
+
+  kind: str
+  split: str
+  fingerprint: str
+  losses: np.ndarray  # (n,) cross-entropy (LMs: mean over each row's target tokens)
+  labels: np.ndarray | None = None  # classifiers: (n,)
+  probabilities: np.ndarray | None = None  # classifiers: (n, classes)
+
+  @property
+  def correct(self) -> np.ndarray:
+    return (self.probabilities.argmax(-1) == self.labels).astype(np.float64)
+
+  def metric(self, name: str) -> float:
+    if name == "accuracy":
+      return float(self.correct.mean())
+    if name == "loss":
+      return float(self.losses.mean())
+    return float(math.exp(self.losses.mean()))
+
+
+def test_split(dataset) -> tuple[str, object, str]:
+  """(split name, source, fingerprint) of the split the gate evaluates: the dataset's test split
+  (never used for checkpoint selection), or its eval split for data that has no test split."""
+  test = getattr(dataset, "test", None)
+  fingerprints = getattr(dataset, "fingerprints", None) or {}
+  if test is not None:
+    return "test", test, fingerprints.get("test", dataset.fingerprint)
+  return "eval", dataset.eval, fingerprints.get("eval", dataset.fingerprint)
+
+
+def evaluate(workdir: str, step: int) -> Evaluation:
+  """Restores step `step` of `workdir` and runs it over the test split. Raises ConfigError
+  when the run or its data is gone."""
+  import jax
+
+  from serving.export import loading
+  from trainer import tasks
+  from trainer.data.sources import load_dataset
+
+  model = loading.load(workdir, str(step))
+  dataset = load_dataset(model.config.data)
+  split, source, fingerprint = test_split(dataset)
+  task = tasks.for_dataset(dataset)
+  apply = jax.jit(lambda v, args, kwargs: model.model.apply(v, *args, train=False, **kwargs))
+  losses, probabilities, labels = [], [], []
+  for start in range(0, len(source), BATCH):
+    batch = source.take(np.arange(start, min(start + BATCH, len(source))))
+    args, kwargs = task.model_inputs(batch)
+    logits = np.asarray(apply(model.variables, args, kwargs), np.float64)
+    log_probs = logits - _logsumexp(logits)
+    if dataset.kind == "language_model":
+      target_lp = np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+      mask = batch["loss_mask"].astype(np.float64)
+      losses.append(-(target_lp * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0))
+    else:
+      losses.append(-np.take_along_axis(log_probs, batch["labels"][:, None], -1)[:, 0])
+      probabilities.append(np.exp(log_probs))
+      labels.append(np.asarray(batch["labels"]))
+  if dataset.kind == "language_model":
+    return Evaluation(dataset.kind, split, fingerprint, np.concatenate(losses))
+  return Evaluation(
+    dataset.kind,
+    split,
+    fingerprint,
+    np.concatenate(losses),
+    np.concatenate(labels),
+    np.concatenate(probabilities),
+  )
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  top = x.max(-1, keepdims=True)
+  return top + np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+
+def mcnemar(baseline_correct: np.ndarray, candidate_correct: np.ndarray, confidence: float):
+  """McNemar's exact test and a confidence interval for candidate - baseline accuracy.
+
+  Returns (difference, (low, high), p value, discordant pairs (baseline only, candidate only)).
+  """
+  from scipy import stats
+
+  only_baseline = int(((baseline_correct == 1) & (candidate_correct == 0)).sum())
+  only_candidate = int(((baseline_correct == 0) & (candidate_correct == 1)).sum())
+  n = len(baseline_correct)
+  discordant = only_baseline + only_candidate
+  p = 1.0 if discordant == 0 else stats.binomtest(only_candidate, discordant, 0.5).pvalue
+  diff = (only_candidate - only_baseline) / n
+  # Variance of a paired difference of proportions (Agresti, "Categorical Data Analysis").
+  variance = (discordant / n - diff**2) / n
+  z = stats.norm.ppf(0.5 + confidence / 2)
+  half = z * math.sqrt(max(variance, 0.0))
+  return diff, (diff - half, diff + half), float(p), (only_baseline, only_candidate)
+
+
+def paired_bootstrap(baseline: np.ndarray, candidate: np.ndarray, fn, confidence, samples, seed):
+  """fn(candidate sample) - fn(baseline sample) over paired resamples of the examples: the point
+  difference and its percentile confidence interval."""
+  rng = np.random.default_rng(seed)
+  n = len(baseline)
+  index = rng.integers(0, n, (samples, n))
+  diffs = np.array([fn(candidate[i]) - fn(baseline[i]) for i in index])
+  alpha = (1 - confidence) / 2
+  low, high = np.quantile(diffs, [alpha, 1 - alpha])
+  return float(fn(candidate) - fn(baseline)), (float(low), float(high))
+
+
+def check_metric_names(gate, kind: str) -> None:
+  """Raises RegistryError for a gate that names a metric this kind of model does not have."""
+  known = METRICS[kind]
+  for field in ("floors", "max_regression"):
+    for name in gate.quality[field]:
+      if name not in known:
+        raise RegistryError(
+          f"gate quality.{field} names unknown metric {name!r}; a {kind} model has "
+          f"{', '.join(known)}"
+        )
+
+
+def quality_checks(gate, candidate: Evaluation, baseline: Evaluation | None) -> list[dict]:
+  """The quality checks: absolute floors, then (with a baseline) regressions and per-class
+  regressions. Each check: name, measured, threshold, verdict, detail."""
+  checks = []
+  for name, bound in sorted(gate.quality.floors.items()):
+    value = candidate.metric(name)
+    ok = value >= bound if HIGHER_IS_BETTER[name] else value <= bound
+    op = ">=" if HIGHER_IS_BETTER[name] else "<="
+    checks.append(
+      make_check(
+        f"quality.{name}_floor",
+        value,
+        f"{op} {bound}",
+        ok,
+        f"{candidate.split} split, {len(candidate.losses)} examples",
+      )
+    )
+  if baseline is None:
+    return checks
+  for name, limit in sorted(gate.quality.max_regression.items()):
+    checks.append(_regression(gate, name, limit, candidate, baseline))
+  if candidate.kind == "classification" and gate.quality.max_class_regression is not None:
+    checks.append(_class_regression(gate, candidate, baseline))
+  return checks
+
+
+def _regression(gate, name: str, limit: float, candidate: Evaluation, baseline: Evaluation):
+  if name == "accuracy":
+    diff, (low, high), p, (b_only, c_only) = mcnemar(
+      baseline.correct, candidate.correct, gate.confidence
+    )
+    detail = f"McNemar p={p:.3g}, right only by baseline {b_only}, only by candidate {c_only}"
+  else:
+    fn = np.mean if name == "loss" else lambda x: math.exp(np.mean(x))
+    diff, (low, high) = paired_bootstrap(
+      baseline.losses, candidate.losses, fn, gate.confidence, gate.bootstrap_samples, gate.seed
+    )
+    detail = f"paired bootstrap, {gate.bootstrap_samples} resamples"
+  # The pessimistic end: the largest regression the interval allows.
+  worst = -low if HIGHER_IS_BETTER[name] else high
+  detail += f"; difference {diff:+.4f}, {gate.confidence:.0%} CI [{low:+.4f}, {high:+.4f}]"
+  return make_check(f"quality.{name}_regression", worst, f"<= {limit}", worst <= limit, detail)
+
+
+def _class_regression(gate, candidate: Evaluation, baseline: Evaluation) -> dict:
+  worst, worst_class = -math.inf, None
+  for label in np.unique(candidate.labels):
+    rows = candidate.labels == label
+    _, (low, _), _, _ = mcnemar(baseline.correct[rows], candidate.correct[rows], gate.confidence)
+    if -low > worst:
+      worst, worst_class = -low, int(label)
+  limit = gate.quality.max_class_regression
+  return make_check(
+    "quality.class_regression",
+    worst,
+    f"<= {limit}",
+    worst <= limit,
+    f"worst class {worst_class} (accuracy drop, {gate.confidence:.0%} bound)",
+  )
+
+
+def make_check(name, measured, threshold, ok, detail="") -> dict:
+  return {
+    "name": name,
+    "measured": float(measured) if measured is not None else None,
+    "threshold": threshold,
+    "verdict": "pass" if ok else "fail",
+    "detail": detail,
+  }
+
+
+def classifier_summary(evaluation: Evaluation, bins: int = 10) -> dict:
+  """Per-class accuracy, the confusion matrix and the expected calibration error (ECE, `bins`
+  equal-width confidence bins), for the model card."""
+  predicted = evaluation.probabilities.argmax(-1)
+  classes = evaluation.probabilities.shape[1]
+  confusion = np.zeros((classes, classes), np.int64)
+  np.add.at(confusion, (evaluation.labels, predicted), 1)
+  confidence = evaluation.probabilities.max(-1)
+  edges = np.linspace(0, 1, bins + 1)
+  ece = 0.0
+  for low, high in itertools.pairwise(edges):
+    rows = (confidence > low) & (confidence <= high)
+    if rows.any():
+      ece += rows.mean() * abs(evaluation.correct[rows].mean() - confidence[rows].mean())
+  per_class = {str(c): float(confusion[c, c] / max(confusion[c].sum(), 1)) for c in range(classes)}
+  return {"per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(), "ece": ece}
