@@ -69,15 +69,15 @@ def checks(candidate_dir, baseline_dir, release: str, allow_signature_change: bo
   return found
 
 
-def golden(workdir: str, step: int, gate) -> tuple[dict, dict]:
-  """(serving_default inputs of the first test examples, what the JAX function answers)."""
+def golden(model, gate) -> tuple[dict, dict]:
+  """(serving_default inputs of the first test examples, what the JAX function of the restored
+  `model` answers to them)."""
   import jax
 
   from mlops.gate_quality import test_split
-  from serving.export import exporter, loading
+  from serving.export import exporter
   from trainer.data.sources import load_dataset
 
-  model = loading.load(workdir, str(step))
   _, source, _ = test_split(load_dataset(model.config.data))
   batch = source.take(np.arange(min(gate.served.golden_examples, len(source))))
   spec = model.data_spec

@@ -31,6 +31,7 @@ class Evaluation:
   losses: np.ndarray  # (n,) cross-entropy (LMs: mean over each row's target tokens)
   labels: np.ndarray | None = None  # classifiers: (n,)
   probabilities: np.ndarray | None = None  # classifiers: (n, classes)
+  train_size: int = 0  # Examples (LMs: rows) of the training split, for the model card.
 
   @property
   def correct(self) -> np.ndarray:
@@ -54,16 +55,21 @@ def test_split(dataset) -> tuple[str, object, str]:
   return "eval", dataset.eval, fingerprints.get("eval", dataset.fingerprint)
 
 
-def evaluate(workdir: str, step: int) -> Evaluation:
-  """Restores step `step` of `workdir` and runs it over the test split. Raises ConfigError
-  when the run or its data is gone."""
+def restore(workdir: str, step: int):
+  """The InferenceModel of step `step` of `workdir`. Raises ConfigError when it is gone."""
+  from serving.export import loading
+
+  return loading.load(workdir, str(step))
+
+
+def evaluate(model) -> Evaluation:
+  """Runs a restored model (`restore`) over the test split. Raises ConfigError when its data
+  is gone."""
   import jax
 
-  from serving.export import loading
   from trainer import tasks
   from trainer.data.sources import load_dataset
 
-  model = loading.load(workdir, str(step))
   dataset = load_dataset(model.config.data)
   split, source, fingerprint = test_split(dataset)
   task = tasks.for_dataset(dataset)
@@ -83,7 +89,9 @@ def evaluate(workdir: str, step: int) -> Evaluation:
       probabilities.append(np.exp(log_probs))
       labels.append(np.asarray(batch["labels"]))
   if dataset.kind == "language_model":
-    return Evaluation(dataset.kind, split, fingerprint, np.concatenate(losses))
+    return Evaluation(
+      dataset.kind, split, fingerprint, np.concatenate(losses), train_size=len(dataset.train)
+    )
   return Evaluation(
     dataset.kind,
     split,
@@ -91,6 +99,7 @@ def evaluate(workdir: str, step: int) -> Evaluation:
     np.concatenate(losses),
     np.concatenate(labels),
     np.concatenate(probabilities),
+    train_size=len(dataset.train),
   )
 
 

@@ -149,6 +149,10 @@ def render(name, version, version_dir, manifest, record, found) -> str:
     "## Training data",
     "",
     f"- dataset: `{config.get('data', {}).get('name')}`, fingerprint `{manifest.get('data_fingerprint')}`",
+    f"- size: {record['data'].get('train_size')} training examples, {record['data']['size']} "
+    f"in the {record['data']['split']} split"
+    if record
+    else "- size: known once `python -m mlops.validate` has run",
     f"- preprocessing in the graph: (x - {spec.get('mean')}) / {spec.get('std')}, served input "
     f"shape {spec.get('serving_input_shape')} reshaped to {spec.get('input_shape')}"
     if spec.get("kind") != "language_model"

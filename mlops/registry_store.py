@@ -38,15 +38,43 @@ def registry_uri() -> str:
 
 def client():
   """An MlflowClient on the registry store. Raises RegistryError when the store is unreachable."""
-  import mlflow
   from mlflow.tracking import MlflowClient
 
   uri = registry_uri()
+  _check_reachable(uri)
   with translate_errors(f"the registry store {uri}"):
     instance = MlflowClient(tracking_uri=tracking_uri(), registry_uri=uri)
-    mlflow.set_registry_uri(uri)
     instance.search_registered_models(max_results=1)  # Fails now, not midway through a command.
   return instance
+
+
+def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+  """Fails fast where MLflow would retry for minutes: a database server that does not accept
+  connections, or a SQLite file in a directory that does not exist."""
+  import socket
+  import urllib.parse
+
+  parsed = urllib.parse.urlparse(uri)
+  scheme = parsed.scheme.split("+")[0]
+  if scheme == "sqlite":
+    directory = os.path.dirname(uri[len("sqlite:///") :]) or "."
+    if not os.path.isdir(directory):
+      raise RegistryError(
+        f"the registry store {uri} is unreachable: directory {directory} does not exist "
+        "(set MLFLOW_TRACKING_URI to a reachable store)"
+      )
+    return
+  ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "http": 80, "https": 443}
+  if scheme not in ports or not parsed.hostname:
+    return
+  address = (parsed.hostname, parsed.port or ports[scheme])
+  try:
+    socket.create_connection(address, timeout=timeout_s).close()
+  except OSError as e:
+    raise RegistryError(
+      f"the registry store {uri} is unreachable: {address[0]}:{address[1]}: "
+      f"{e.strerror or e} (set MLFLOW_TRACKING_URI to a reachable store)"
+    ) from e
 
 
 @contextlib.contextmanager

@@ -101,11 +101,14 @@ def validate(
   gate_path = gate_path or default_gate(kind)
   gate = load_gate_config(gate_path)
   gate_quality.check_metric_names(gate, kind)
-  evaluation = gate_quality.evaluate(tags["workdir"], int(tags["checkpoint.step"]))
+  model = gate_quality.restore(tags["workdir"], int(tags["checkpoint.step"]))
+  evaluation = gate_quality.evaluate(model)
   base_eval = None
   if baseline is not None:
     base_tags = mlflow_client.get_model_version(name, str(baseline)).tags
-    base_eval = gate_quality.evaluate(base_tags["workdir"], int(base_tags["checkpoint.step"]))
+    base_eval = gate_quality.evaluate(
+      gate_quality.restore(base_tags["workdir"], int(base_tags["checkpoint.step"]))
+    )
     recorded = base_tags.get("gate.test_fingerprint", base_eval.fingerprint)
     if evaluation.fingerprint not in (base_eval.fingerprint,) or recorded != base_eval.fingerprint:
       raise RegistryError(
@@ -115,7 +118,7 @@ def validate(
       )
   checks = gate_quality.quality_checks(gate, evaluation, base_eval)
   if gate.served.enabled:
-    golden, expected = gate_compat.golden(tags["workdir"], int(tags["checkpoint.step"]), gate)
+    golden, expected = gate_compat.golden(model, gate)
     checks += gate_served.served_checks(
       gate, name, export_base, candidate, baseline, golden, expected
     )
@@ -138,6 +141,7 @@ def validate(
     "data": {
       "split": evaluation.split,
       "size": len(evaluation.losses),
+      "train_size": evaluation.train_size,
       "fingerprint": evaluation.fingerprint,
     },
     "metrics": {m: evaluation.metric(m) for m in gate_quality.METRICS[kind]},

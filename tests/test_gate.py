@@ -68,9 +68,15 @@ def test_statistics_are_paired_and_bounded():
   assert diff == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
 
 
-def test_first_version_gets_absolute_checks_only(two_versions):
+@pytest.fixture(scope="module")
+def first_record(two_versions):
+  """The gate record of version 1 (no production version yet)."""
+  return validate.validate(registry_store.client(), "digits", 1, "production", SMOKE_GATE)
+
+
+def test_first_version_gets_absolute_checks_only(first_record):
   client = registry_store.client()
-  record = validate.validate(client, "digits", 1, "production", SMOKE_GATE)
+  record = first_record
   names = [c["name"] for c in record["checks"]]
   assert record["baseline"] is None and "no version" in record["baseline_note"]
   assert not [n for n in names if "regression" in n or "ratio" in n or n == "compat.signatures"]
@@ -84,10 +90,11 @@ def test_first_version_gets_absolute_checks_only(two_versions):
   assert parity["verdict"] == "pass" and parity["measured"] <= 1e-4
 
 
-def test_second_version_is_compared_with_the_baseline_and_promote_honours_it(two_versions):
+def test_second_version_is_compared_with_the_baseline_and_promote_honours_it(
+  two_versions, first_record
+):
   client = registry_store.client()
-  first = validate.validate(client, "digits", 1, "production", SMOKE_GATE)
-  assert first["verdict"] == "pass", first["failed"]
+  assert first_record["verdict"] == "pass", first_record["failed"]
   registry_promote.promote(client, "digits", 1, "production")
   record = validate.validate(client, "digits", 2, "production", SMOKE_GATE)
   checks = {c["name"]: c for c in record["checks"]}
@@ -104,6 +111,7 @@ def test_second_version_is_compared_with_the_baseline_and_promote_honours_it(two
       "def get_gate_config():\n"
       "  c = smoke.get_gate_config()\n"
       "  c.quality.floors = {'accuracy': 1.01}\n"
+      "  c.served.enabled = False\n"
       "  return c\n"
     )
   failed = validate.validate(client, "digits", 2, "production", strict)

@@ -209,7 +209,6 @@ def test_production_needs_a_passing_gate_unless_forced(registered):
 def test_pyfunc_answers_what_the_server_answers(served):
   import mlflow
 
-  mlflow.set_registry_uri(os.environ["MLFLOW_TRACKING_URI"])
   pixels = model_server.digits_pixels(8)
   model = mlflow.pyfunc.load_model("models:/digits@staging")
   got = model.predict(pixels)

@@ -1,0 +1,145 @@
+"""The registry's costs: the validation gate's wall time (digits and lm_tiny smoke models, the
+first version alone and the second against it), and promote / rollback time from the command to
+the server answering the label with the new version.
+
+  python bench/registry_gate.py [--repeats=3]
+
+Each model is a smoke run registered twice (two checkpoints of one run); everything lives in a
+temporary MLflow store and export base. Promote and rollback run as the CLI does (a fresh
+`python -m mlops.registry` process, --server given), and in process (the move alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import harness
+
+from configs import digits_cnn, lm
+from tests.helpers import model_server
+
+REPO = model_server.REPO
+
+
+def _models():
+  digits = digits_cnn.get_config("smoke")
+  digits.checkpoint.every_steps = 10
+  lm_tiny = lm.get_config("size=tiny,smoke")
+  lm_tiny.train.num_steps = 20
+  lm_tiny.checkpoint.every_steps = 10
+  lm_tiny.eval.every_steps = 10
+  for config in (digits, lm_tiny):
+    config.data.worker_threads = 0
+  return {
+    "digits": (digits, "configs/gates/smoke.py"),
+    "lm_tiny": (lm_tiny, "configs/gates/lm.py"),
+  }
+
+
+def gate_times(root: str) -> list[list[str]]:
+  from mlops import registry_register, registry_store, validate
+  from trainer import train
+
+  rows = []
+  for name, (config, gate) in _models().items():
+    workdir = os.path.join(root, f"run_{name}")
+    train.train_and_evaluate(config, workdir)
+    base = os.path.join(root, "models", name)
+    client = registry_store.client()
+    for step in ("10", "20"):
+      registry_register.register(client, workdir, base, name, step)
+    for candidate, baseline in ((1, "production"), (2, "1")):
+      start = time.perf_counter()
+      record = validate.validate(client, name, candidate, baseline, os.path.join(REPO, gate))
+      seconds = time.perf_counter() - start
+      against = "none (absolute checks)" if record["baseline"] is None else "version 1"
+      rows.append(
+        [
+          name,
+          str(candidate),
+          against,
+          str(len(record["checks"])),
+          record["verdict"],
+          f"{seconds:.1f}",
+        ]
+      )
+  return rows
+
+
+def _cli(*args: str) -> float:
+  env = {**model_server.SERVER_ENV, "PYTHONPATH": REPO}
+  start = time.perf_counter()
+  subprocess.run(
+    [sys.executable, "-m", "mlops.registry", *args],
+    cwd=REPO,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  return time.perf_counter() - start
+
+
+def promote_times(root: str, repeats: int) -> list[list[str]]:
+  from mlops import registry_promote, registry_serving, registry_store
+
+  client = registry_store.client()
+  config = os.path.join(root, "models.config")
+  registry_promote.promote(client, "digits", 1, "staging", model_config_file=config)
+  rows = []
+  with model_server.Server(
+    [f"--model_config_file={config}"], os.path.join(root, "server.log"), model_name="digits"
+  ) as server:
+    address = f"127.0.0.1:{server.grpc_port}"
+    where = [f"--model_config_file={config}", f"--server={address}", "--name=digits"]
+    cli = {"promote": [], "rollback": []}
+    in_process = {"promote": [], "rollback": []}
+    for _ in range(repeats):
+      cli["promote"].append(_cli("promote", "--version=2", "--alias=staging", *where))
+      assert registry_serving.served_version(address, "digits", "staging") == 2
+      cli["rollback"].append(_cli("rollback", "--alias=staging", *where))
+      assert registry_serving.served_version(address, "digits", "staging") == 1
+      start = time.perf_counter()
+      registry_promote.promote(
+        client, "digits", 2, "staging", model_config_file=config, server=address
+      )
+      in_process["promote"].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      registry_promote.rollback(client, "digits", "staging", server=address)
+      in_process["rollback"].append(time.perf_counter() - start)
+  for kind in ("promote", "rollback"):
+    rows.append([kind, "CLI (new process)", _stats(cli[kind])])
+    rows.append([kind, "in process", _stats(in_process[kind])])
+  return rows
+
+
+def _stats(times: list[float]) -> str:
+  times = sorted(times)
+  return f"median {times[len(times) // 2]:.2f} s (min {times[0]:.2f}, max {times[-1]:.2f})"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  harness.quiet_logs()
+  load = harness.load_average()
+  with tempfile.TemporaryDirectory(prefix="bench_registry_") as root:
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    gates = gate_times(root)
+    moves = promote_times(root, args.repeats)
+  harness.print_run_header(load, devices=False)
+  print(harness.table(["model", "candidate", "baseline", "checks", "verdict", "gate s"], gates))
+  print()
+  print(harness.table(["move", "how", "command -> label answers the new version"], moves))
+
+
+if __name__ == "__main__":
+  main()
