@@ -42,9 +42,9 @@ run: install
 	  $(BIN)/python -m mlops.validate --name=$(MODEL_NAME) --candidate=$$version && \
 	  $(BIN)/python -m mlops.registry promote --name=$(MODEL_NAME) --version=$$version \
 	    --alias=production --model_config_file=$(MODEL_CONFIG) --reason="make run"
-	scripts/serve_and_query.sh $(MODEL_CONFIG) $(MODEL_NAME) production
+	PYTHON=$(abspath $(BIN))/python scripts/serve_and_query.sh $(MODEL_CONFIG) $(MODEL_NAME) production
 	$(BIN)/python -m mlops.registry lineage $(MODEL_NAME)@production
-	@echo "browse the runs and the registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "browse the runs and the registry: $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
 
 test: install
 	$(BIN)/python -m pytest

@@ -77,6 +77,7 @@ def lineage(mlflow_client, reference: str) -> dict:
       "source": manifest.get("config", {}).get("data", {}).get("name"),
       "fingerprint": manifest.get("data_fingerprint"),
       "test_fingerprint": record["data"]["fingerprint"] if record else None,
+      "test_split": record["data"]["split"] if record else None,
     },
     "git": manifest.get("git"),
     "config_diff_vs_baseline": {"baseline": baseline, "diff": diff},
@@ -124,7 +125,7 @@ def render(mlflow_client, reference: str, *, as_json: bool = False) -> str:
     f"lineage of {chain['model']} ({reference})",
     f"  data         {chain['data']['source']}, fingerprint {chain['data']['fingerprint']}"
     + (
-      f" (test split {chain['data']['test_fingerprint']})"
+      f" (gate evaluated the {chain['data']['test_split']} split, {chain['data']['test_fingerprint']})"
       if chain["data"]["test_fingerprint"]
       else ""
     ),

@@ -148,4 +148,7 @@ def config_file_labels(export_base: str, name: str) -> dict[str, dict[str, int]]
 
 
 if __name__ == "__main__":
+  from serving import native_logs
+
+  native_logs.quiet_native_logs(sys.argv)
   main()

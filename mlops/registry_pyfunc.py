@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 
 import mlflow
 import numpy as np
@@ -53,7 +54,12 @@ def save_flavor(version_dir: str) -> None:
   from importlib import metadata
 
   requirements = [f"mlflow=={mlflow.__version__}", f"tensorflow=={metadata.version('tensorflow')}"]
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(version_dir))) as tmp:
+  with (
+    tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(version_dir))) as tmp,
+    warnings.catch_warnings(),
+  ):
+    # MLflow suggests type hints for its input validation; predict takes several input forms.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     saved = os.path.join(tmp, "pyfunc")
     mlflow.pyfunc.save_model(
       saved, python_model=os.path.abspath(__file__), pip_requirements=requirements

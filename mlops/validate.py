@@ -199,4 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  from serving import native_logs
+
+  native_logs.quiet_native_logs(sys.argv)
   main()
