@@ -71,23 +71,19 @@ def checks(candidate_dir, baseline_dir, release: str, allow_signature_change: bo
 
 def golden(model, gate) -> tuple[dict, dict]:
   """(serving_default inputs of the first test examples, what the JAX function of the restored
-  `model` answers to them)."""
+  `model` answers to them): the export's own signature functions, as its parity gate runs them."""
   import jax
 
-  from mlops.gate_quality import test_split
-  from serving.export import exporter
-  from trainer.data.sources import load_dataset
+  from trainer.data import load_dataset
 
-  _, source, _ = test_split(load_dataset(model.config.data))
-  batch = source.take(np.arange(min(gate.served.golden_examples, len(source))))
-  spec = model.data_spec
-  if spec["kind"] == "language_model":
-    inputs = {"tokens": np.asarray(batch["inputs"][:, : min(16, spec["input_shape"][0])])}
-  else:
-    rows = np.asarray(batch["inputs"], np.float32)
-    inputs = {"inputs": rows.reshape(len(rows), *spec["serving_input_shape"])}
+  task = model.task
+  inputs = task.golden_inputs(load_dataset(model.config.data), gate.served.golden_examples)
   signature = next(
-    s for s in exporter.build_signatures(model, max_new_tokens=4) if s.name == "serving_default"
+    s
+    for s in task.serving_signatures(model, inputs, max_new_tokens=4)
+    if s.name == "serving_default"
   )
-  expected = jax.device_get(jax.jit(signature.fn)(model.variables, inputs))
-  return inputs, {k: np.asarray(v) for k, v in expected.items()}
+  fn_inputs = signature.golden_fn_inputs or signature.golden_inputs
+  expected = jax.device_get(jax.jit(signature.fn)(model.variables, fn_inputs))
+  served = {k: np.asarray(v) for k, v in signature.golden_inputs.items()}
+  return served, {k: np.asarray(v) for k, v in expected.items()}

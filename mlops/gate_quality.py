@@ -18,7 +18,6 @@ from mlops.registry_store import RegistryError
 
 HIGHER_IS_BETTER = {"accuracy": True, "loss": False, "perplexity": False}
 METRICS = {"classification": ("accuracy", "loss"), "language_model": ("loss", "perplexity")}
-BATCH = 256
 
 
 @dataclasses.dataclass
@@ -45,67 +44,34 @@ class Evaluation:
     return float(math.exp(self.losses.mean()))
 
 
-def test_split(dataset) -> tuple[str, object, str]:
-  """(split name, source, fingerprint) of the split the gate evaluates: the dataset's test split
-  (never used for checkpoint selection), or its eval split for data that has no test split."""
-  test = getattr(dataset, "test", None)
-  fingerprints = getattr(dataset, "fingerprints", None) or {}
-  if test is not None:
-    return "test", test, fingerprints.get("test", dataset.fingerprint)
-  return "eval", dataset.eval, fingerprints.get("eval", dataset.fingerprint)
-
-
 def restore(workdir: str, step: int):
   """The InferenceModel of step `step` of `workdir`. Raises ConfigError when it is gone."""
-  from serving.export import loading
+  from trainer import checkpointing
 
-  return loading.load(workdir, str(step))
+  return checkpointing.restore_for_inference(workdir, step)
 
 
 def evaluate(model) -> Evaluation:
-  """Runs a restored model (`restore`) over the test split. Raises ConfigError when its data
-  is gone."""
-  import jax
+  """Per-example results of a restored model (`restore`) on its test split, which training
+  never used for a choice (evaluation.predict_split checks that the split read now is the one
+  recorded at training time). Raises ConfigError when the data is gone or has no test split."""
+  from trainer import evaluation
+  from trainer.data import load_dataset
 
-  from trainer import tasks
-  from trainer.data.sources import load_dataset
-
+  predictions = evaluation.predict_split(model, split="test")
   dataset = load_dataset(model.config.data)
-  split, source, fingerprint = test_split(dataset)
-  task = tasks.for_dataset(dataset)
-  apply = jax.jit(lambda v, args, kwargs: model.model.apply(v, *args, train=False, **kwargs))
-  losses, probabilities, labels = [], [], []
-  for start in range(0, len(source), BATCH):
-    batch = source.take(np.arange(start, min(start + BATCH, len(source))))
-    args, kwargs = task.model_inputs(batch)
-    logits = np.asarray(apply(model.variables, args, kwargs), np.float64)
-    log_probs = logits - _logsumexp(logits)
-    if dataset.kind == "language_model":
-      target_lp = np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
-      mask = batch["loss_mask"].astype(np.float64)
-      losses.append(-(target_lp * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0))
-    else:
-      losses.append(-np.take_along_axis(log_probs, batch["labels"][:, None], -1)[:, 0])
-      probabilities.append(np.exp(log_probs))
-      labels.append(np.asarray(batch["labels"]))
-  if dataset.kind == "language_model":
-    return Evaluation(
-      dataset.kind, split, fingerprint, np.concatenate(losses), train_size=len(dataset.train)
-    )
+  fingerprint = predictions.fingerprint or dataset.spec.fingerprints.get("test", "unknown")
+  # Mean loss per example: a language model's row sums its target tokens' losses.
+  losses = predictions.loss / np.maximum(predictions.weight, 1.0)
   return Evaluation(
-    dataset.kind,
-    split,
-    fingerprint,
-    np.concatenate(losses),
-    np.concatenate(labels),
-    np.concatenate(probabilities),
+    kind=model.data_spec.kind,
+    split="test",
+    fingerprint=fingerprint,
+    losses=np.asarray(losses, np.float64),
+    labels=predictions.labels,
+    probabilities=predictions.probabilities,
     train_size=len(dataset.train),
   )
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-  top = x.max(-1, keepdims=True)
-  return top + np.log(np.exp(x - top).sum(-1, keepdims=True))
 
 
 def mcnemar(baseline_correct: np.ndarray, candidate_correct: np.ndarray, confidence: float):

@@ -42,7 +42,7 @@ def register(mlflow_client, workdir: str, export_base: str, name: str, step: str
   from serving.export import exporter, loading
 
   export_base = os.path.abspath(export_base)
-  step_number = loading.resolve_step(workdir, step)
+  step_number = loading.resolve_step(workdir, step).step
   _ensure_registered_model(mlflow_client, name, export_base)
   existing = _existing_export(export_base, workdir, step_number)
   _check_next_directory(mlflow_client, name, export_base, existing)  # Before the slow export.
