@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,14 @@ def _models():
   }
 
 
+def _cpu_seconds() -> float:
+  """CPU seconds of this process and its finished children (a loaded machine inflates wall
+  time, not these)."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def gate_times(root: str) -> list[list[str]]:
   from mlops import registry_register, registry_store, validate
   from trainer import train
@@ -56,9 +65,9 @@ def gate_times(root: str) -> list[list[str]]:
     for step in ("10", "20"):
       registry_register.register(client, workdir, base, name, step)
     for candidate, baseline in ((1, "production"), (2, "1")):
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), _cpu_seconds()
       record = validate.validate(client, name, candidate, baseline, os.path.join(REPO, gate))
-      seconds = time.perf_counter() - start
+      seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
       against = "none (absolute checks)" if record["baseline"] is None else "version 1"
       rows.append(
         [
@@ -68,6 +77,7 @@ def gate_times(root: str) -> list[list[str]]:
           str(len(record["checks"])),
           record["verdict"],
           f"{seconds:.1f}",
+          f"{cpu:.1f}",
         ]
       )
   return rows
@@ -120,9 +130,13 @@ def promote_times(root: str, repeats: int) -> list[list[str]]:
   return rows
 
 
-def _stats(times: list[float]) -> str:
-  times = sorted(times)
-  return f"median {times[len(times) // 2]:.2f} s (min {times[0]:.2f}, max {times[-1]:.2f})"
+def _stats(samples: list[tuple[float, float]]) -> str:
+  walls = sorted(w for w, _ in samples)
+  cpus = sorted(c for _, c in samples)
+  return (
+    f"wall median {walls[len(walls) // 2]:.2f} s (min {walls[0]:.2f}, max {walls[-1]:.2f}); "
+    f"CPU median {cpus[len(cpus) // 2]:.2f} s"
+  )
 
 
 def main() -> None:
@@ -136,7 +150,9 @@ def main() -> None:
     gates = gate_times(root)
     moves = promote_times(root, args.repeats)
   harness.print_run_header(load, devices=False)
-  print(harness.table(["model", "candidate", "baseline", "checks", "verdict", "gate s"], gates))
+  print(
+    harness.table(["model", "candidate", "baseline", "checks", "verdict", "wall s", "CPU s"], gates)
+  )
   print()
   print(harness.table(["move", "how", "command -> label answers the new version"], moves))
 

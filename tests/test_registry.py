@@ -222,31 +222,52 @@ def test_pyfunc_answers_what_the_server_answers(served):
   np.testing.assert_array_equal(got["classes"], body["outputs"]["classes"])
 
 
-def test_two_processes_registering_at_once_get_distinct_versions(store, digits_run, tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def concurrent_store(request, tmp_path):
+  """A fresh registry store of each kind (PostgreSQL from tests/conftest.py's server), its
+  tables created before the racing processes start."""
+  if request.param == "sqlite":
+    uri = f"sqlite:///{tmp_path}/concurrent.db"
+  else:
+    uri = request.getfixturevalue("postgres").database("registry_concurrent")
+  previous = os.environ["MLFLOW_TRACKING_URI"]
+  os.environ["MLFLOW_TRACKING_URI"] = uri
+  try:
+    registry_store.client()
+  finally:
+    os.environ["MLFLOW_TRACKING_URI"] = previous
+  return uri
+
+
+def test_two_processes_registering_at_once_get_distinct_versions(
+  concurrent_store, digits_run, tmp_path
+):
   base = str(tmp_path / "concurrent")
+  env = {**model_server.SERVER_ENV, "PYTHONPATH": REPO, "MLFLOW_TRACKING_URI": concurrent_store}
+  command = [
+    sys.executable,
+    "-m",
+    "mlops.registry",
+    "register",
+    f"--workdir={digits_run}",
+    f"--export_base={base}",
+    "--name=concurrent",
+    "--step=latest",
+  ]
   procs = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "mlops.registry",
-        "register",
-        f"--workdir={digits_run}",
-        f"--export_base={base}",
-        "--name=concurrent",
-        "--step=latest",
-      ],
-      cwd=REPO,
-      env={**model_server.SERVER_ENV, "PYTHONPATH": REPO, "MLFLOW_TRACKING_URI": store},
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
+      command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     for _ in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
-  versions = registry_store.versions_of(registry_store.client(), "concurrent")
+  previous = os.environ["MLFLOW_TRACKING_URI"]
+  os.environ["MLFLOW_TRACKING_URI"] = concurrent_store
+  try:
+    versions = registry_store.versions_of(registry_store.client(), "concurrent")
+  finally:
+    os.environ["MLFLOW_TRACKING_URI"] = previous
   assert [(str(v.version), v.source) for v in versions] == [
     (str(n), os.path.join(base, str(n))) for n in (1, 2)
   ]

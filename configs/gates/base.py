@@ -31,9 +31,10 @@ def get_base_gate_config() -> ml_collections.ConfigDict:
   # Largest relative error of the server's float answers (gRPC and REST) versus JAX's.
   config.served.parity_tolerance = 1e-4
   config.served.latency_batch_sizes = (1, 32)
-  config.served.latency_requests = 40  # Per batch size and version, interleaved.
+  config.served.latency_requests = 100  # Per batch size and version, interleaved.
   # Candidate / baseline latency, served by the same server in the same run.
-  config.served.max_latency_ratio = {"p50": 1.5, "p99": 2.0}
+  # p99 of 100 requests is the second-slowest one: on a shared machine allow it more.
+  config.served.max_latency_ratio = {"p50": 1.5, "p99": 3.0}
 
   config.compatibility = ml_collections.ConfigDict()
   config.compatibility.tf_serving = "2.20"  # The TF Serving release production runs.
