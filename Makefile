@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python bench/multihost.py
 	env -u XLA_FLAGS $(BIN)/python bench/serving_latency.py
 	env -u XLA_FLAGS $(BIN)/python bench/tracking.py
+	env -u XLA_FLAGS $(BIN)/python bench/registry_gate.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

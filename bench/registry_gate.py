@@ -36,6 +36,7 @@ def _models():
   lm_tiny.train.num_steps = 20
   lm_tiny.checkpoint.every_steps = 10
   lm_tiny.eval.every_steps = 10
+  lm_tiny.data.eval_every_documents = 4  # The smoke corpus's 13 documents: some in every split.
   for config in (digits, lm_tiny):
     config.data.worker_threads = 0
   return {
