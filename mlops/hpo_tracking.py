@@ -9,6 +9,7 @@ untracked.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import ml_collections
 from absl import logging
@@ -17,6 +18,8 @@ from trainer import tracking
 
 # The study's user attribute that names its MLflow parent run (shared by all workers).
 _PARENT_ATTR = "mlflow_parent_run_id"
+# Tries at reaching the store when the worker starts.
+_START_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,12 @@ class StudyTracker:
     """Finds or creates the study's parent run (the study's user attrs name it)."""
     if not self.settings.enabled:
       return
+    for attempt in range(_START_ATTEMPTS):
+      if self._try_start(study, storage, last=attempt == _START_ATTEMPTS - 1):
+        return
+      time.sleep(1.0 + attempt)  # Workers starting together race to create the store's tables.
+
+  def _try_start(self, study, storage, last: bool) -> bool:
     try:
       from mlflow import MlflowClient
 
@@ -66,9 +75,12 @@ class StudyTracker:
         if winner != run.info.run_id:
           self._client.delete_run(run.info.run_id)
         self.parent_run_id = winner
+      return True
     except Exception as e:  # Store errors of any kind.
-      self._warn("create the study's parent run", e)
+      if last:
+        self._warn("create the study's parent run", e)
       self._client = None
+      return False
 
   def _tags(self) -> dict[str, str]:
     lineage = self.lineage

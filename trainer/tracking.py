@@ -113,7 +113,14 @@ def get_or_create_experiment(client, settings: TrackingSettings) -> str:
   if settings.artifact_location:
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.experiment)
     location = os.path.join(settings.artifact_location, slug)
-  return client.create_experiment(settings.experiment, artifact_location=location)
+  try:
+    return client.create_experiment(settings.experiment, artifact_location=location)
+  except Exception:
+    # Another process (an HPO worker, a second job) created it at the same moment.
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+      raise
+    return experiment.experiment_id
 
 
 @dataclasses.dataclass(frozen=True)
