@@ -80,6 +80,7 @@ def test_eta_after_resume_is_sane(tmp_path, one_device, caplog):
   first = smoke_config({**overrides, "train.num_steps": 4, "train.log_every_steps": 5})
   train.train_and_evaluate(first, workdir, devices=one_device)
   caplog.set_level(logging.INFO)
+  caplog.clear()  # Only the resumed run's lines.
   # Resumes at step 4: its first step, 5, is a logging step.
   resumed = smoke_config({**overrides, "train.num_steps": 15, "train.log_every_steps": 5})
   result = train.train_and_evaluate(resumed, workdir, devices=one_device)
