@@ -240,6 +240,10 @@ RULES: dict[str, Rule] = {
   "tracking.artifact_location": text(),
   "tracking.flush_timeout_s": real(0),
   "tracking.report": boolean(),
+  # card (mlops/model_card.py): free text, empty prints "not provided".
+  "card.intended_use": text(),
+  "card.out_of_scope_use": text(),
+  "card.ethical_considerations": text(),
 }
 
 
