@@ -3,6 +3,7 @@ connections than its cap) and on SIGTERM (health NOT_SERVING, the request in fli
 exit 0). Each server here is started for its own test."""
 
 import json
+import os
 import signal
 import socket
 import time
@@ -183,3 +184,45 @@ def test_sigterm_turns_health_not_serving_finishes_the_request_in_flight_and_exi
     assert server.proc.wait(timeout=60) == 0, server.log_tail()
   with pytest.raises(OSError):
     socket.create_connection(("127.0.0.1", server.rest_port), timeout=5).close()
+
+
+def _request_count(server, api: str, method: str) -> float:
+  from prometheus_client.parser import text_string_to_metric_families
+
+  return sum(
+    sample.value
+    for family in text_string_to_metric_families(server.metrics_text())
+    for sample in family.samples
+    if sample.name == "serving_requests_total"
+    and sample.labels["api"] == api
+    and sample.labels["method"] == method
+    and sample.labels["code"] == "OK"
+  )
+
+
+def test_workers_share_the_ports_sum_their_metrics_and_all_drain_on_sigterm(digits, tmp_path):
+  """--num_workers=2: the kernel spreads connections over two processes; every worker's metrics
+  page counts every worker's requests; SIGTERM stops both and the supervisor exits 0."""
+  from tensorflow_serving.apis import model_management_pb2
+
+  server = _start(digits, tmp_path, "--num_workers=2")
+  with server:
+    serving = ("Worker 0: Serving digits", "Worker 1: Serving digits")
+    wait_for(lambda: all(w in server.log_text() for w in serving), 300, "both workers serving")
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+      workers = [int(pid) for pid in f.read().split()]
+    assert len(workers) == 2
+    connections = 40  # One each: with 2 workers, the odds that one got them all are 2**-39.
+    assert all(_predict_ok(server) for _ in range(connections))
+    # Whichever worker answers the metrics page reports both workers' requests.
+    assert _request_count(server, "rest", "Predict") == connections
+    with pytest.raises(grpc.RpcError) as error:
+      server.model_stub.HandleReloadConfigRequest(
+        model_management_pb2.ReloadConfigRequest(), timeout=60
+      )
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--num_workers > 1" in error.value.details()
+  assert server.proc.returncode == 0, server.log_tail()
+  for pid in workers:
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)

@@ -100,9 +100,18 @@ class RequestHandlers:
   served models, in numpy and TF Serving's messages, with no transport. Each raises
   ServingError with the status TF Serving answers. Thread-safe."""
 
-  def __init__(self, models: ServedModels, base_path_roots: list[str] | None = None):
-    """`base_path_roots`: directories a reload's base paths must lie under (None: any)."""
+  def __init__(
+    self,
+    models: ServedModels,
+    base_path_roots: list[str] | None = None,
+    *,
+    reloads_allowed: bool = True,
+  ):
+    """`base_path_roots`: directories a reload's base paths must lie under (None: any).
+    `reloads_allowed`: False in a worker of --num_workers, where a reload would change one
+    worker's models only."""
     self.models = models
+    self.reloads_allowed = reloads_allowed
     self.base_path_roots = (
       None if base_path_roots is None else [os.path.realpath(r) for r in base_path_roots]
     )
@@ -154,7 +163,14 @@ class RequestHandlers:
 
   def reload(self, configs: list[ModelConfig]) -> None:
     """Serves exactly `configs` (ServedModels.reload), once every base path lies under a root.
-    Raises ServingError: INVALID_ARGUMENT for a base path outside the roots (nothing changes)."""
+    Raises ServingError: INVALID_ARGUMENT for a base path outside the roots (nothing changes),
+    FAILED_PRECONDITION in a worker of --num_workers."""
+    if not self.reloads_allowed:
+      raise ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "with --num_workers > 1 a reload request would reach one worker only; change the "
+        "--model_config_file (with --model_config_file_poll_wait_seconds) instead",
+      )
     if self.base_path_roots is not None:
       for config in configs:
         self._check_under_roots(config)

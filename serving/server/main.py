@@ -90,6 +90,14 @@ _REST_READ_TIMEOUT = flags.DEFINE_float(
   "Seconds a REST client may take to send a request's line, headers and body, from its first "
   "byte; slower connections are closed. Idle connections close after 10 s.",
 )
+_NUM_WORKERS = flags.DEFINE_integer(
+  "num_workers",
+  1,
+  "Server processes sharing the ports (SO_REUSEPORT), each with its own models, polling and "
+  "batching; metrics are summed over them. With more than 1, --port and --rest_api_port must "
+  "be fixed and config changes go through --model_config_file (HandleReloadConfigRequest "
+  "would reach one worker only, so it is refused).",
+)
 _SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )
@@ -174,6 +182,20 @@ def _base_path_roots(configs) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from serving.server import workers
+
+  worker = workers.worker_index()
+  if _NUM_WORKERS.value < 1:
+    raise app.UsageError(f"--num_workers={_NUM_WORKERS.value} must be at least 1")
+  if _NUM_WORKERS.value > 1 and worker is None:
+    if _PORT.value == 0:
+      raise app.UsageError("--num_workers > 1 needs a fixed --port (workers share it)")
+    sys.exit(workers.supervise(_NUM_WORKERS.value, sys.argv))  # Before TensorFlow is imported.
+  _serve(worker)
+
+
+def _serve(worker: int | None) -> None:
+  """Runs one server (or one worker of --num_workers) until SIGTERM."""
   from serving.server import grpc_api, handlers, metrics, model_versions, rest_api, served_models
   from serving.server.errors import ServingError
 
@@ -196,7 +218,9 @@ def main(argv: list[str]) -> None:
   models.start()
   roots = _base_path_roots(configs)
   logging.info("Reload requests may serve base paths under %s", roots)
-  request_path = handlers.RequestPath(handlers.RequestHandlers(models, roots), server_metrics)
+  request_path = handlers.RequestPath(
+    handlers.RequestHandlers(models, roots, reloads_allowed=worker is None), server_metrics
+  )
   stop = threading.Event()
   if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
     threading.Thread(
@@ -210,6 +234,7 @@ def main(argv: list[str]) -> None:
     f"{_HOST.value}:{_PORT.value}",
     max_request_size_bytes=_MAX_REQUEST_SIZE.value,
     max_threads=_grpc_threads(batch_scheduler),
+    reuse_port=worker is not None,
   )
   if not grpc_port:
     logging.error("Cannot listen on %s:%d for gRPC", _HOST.value, _PORT.value)
@@ -223,10 +248,12 @@ def main(argv: list[str]) -> None:
       max_request_size_bytes=_MAX_REQUEST_SIZE.value,
       max_connections=_REST_MAX_CONNECTIONS.value,
       read_timeout_seconds=_REST_READ_TIMEOUT.value,
+      reuse_port=worker is not None,
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(
-    "Serving %s: gRPC on %s:%d, REST on %s%s",
+    "%sServing %s: gRPC on %s:%d, REST on %s%s",
+    "" if worker is None else f"Worker {worker}: ",
     ", ".join(f"{m.name} from {m.base_path}" for m in models.models.values()),
     _HOST.value,
     grpc_port,
@@ -238,6 +265,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signum, lambda *_: stop.set())
   while not stop.wait(0.5):  # A timed wait lets the signal handler run promptly.
     pass
+  _shut_down(health, httpd, grpc, batch_scheduler, models)
+
+
+def _shut_down(health, httpd, grpc, batch_scheduler, models) -> None:
   logging.info("Shutting down: finishing requests in flight")
   health.enter_graceful_shutdown()  # Health checks answer NOT_SERVING from here on.
   if httpd:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client as prom
 
 # Seconds; a digits request on CPU takes ~1 ms, a language model's `generate` up to seconds.
@@ -62,4 +64,12 @@ class Metrics:
     self.latency.labels(api, method, model, version_label).observe(seconds)
 
   def exposition(self) -> bytes:
+    """The text exposition; with --num_workers, summed over every worker (prometheus_client's
+    multiprocess mode, which the supervisor turns on for its workers)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+      from prometheus_client import multiprocess
+
+      registry = prom.CollectorRegistry()
+      multiprocess.MultiProcessCollector(registry)
+      return prom.generate_latest(registry)
     return prom.generate_latest(self.registry)

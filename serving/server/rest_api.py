@@ -117,6 +117,10 @@ class _Server(http.server.ThreadingHTTPServer):
     super().shutdown()
 
 
+class _ReusePortServer(_Server):
+  allow_reuse_port = True  # SO_REUSEPORT: the kernel spreads connections over the workers.
+
+
 def _describe(error: BaseException) -> str:
   if isinstance(error, TimeoutError):
     return f"timed out ({error})"
@@ -255,9 +259,12 @@ def build(
   max_request_size_bytes: int,
   max_connections: int = 512,
   read_timeout_seconds: float = 30.0,
+  reuse_port: bool = False,
 ) -> http.server.ThreadingHTTPServer:
-  """A bound (not yet serving) REST server; call `serve_forever()` in a thread."""
-  return _Server(
+  """A bound (not yet serving) REST server; call `serve_forever()` in a thread. `reuse_port`:
+  other processes may bind the same port (--num_workers)."""
+  server_class = _ReusePortServer if reuse_port else _Server
+  return server_class(
     (host, port),
     path,
     max_request_size_bytes=max_request_size_bytes,
