@@ -135,6 +135,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     the new models are loaded. A failure is the RPC's status and the response's."""
 
     def reload(handlers):
+      handlers.check_reload_allowed()  # Before parsing: whatever the config, a worker refuses.
       try:
         configs = model_config.from_proto(request.config, "the ReloadConfigRequest's config")
       except ValueError as e:

@@ -165,17 +165,21 @@ class RequestHandlers:
     """Serves exactly `configs` (ServedModels.reload), once every base path lies under a root.
     Raises ServingError: INVALID_ARGUMENT for a base path outside the roots (nothing changes),
     FAILED_PRECONDITION in a worker of --num_workers."""
+    self.check_reload_allowed()
+    if self.base_path_roots is not None:
+      for config in configs:
+        self._check_under_roots(config)
+    self.models.reload(configs)
+    logging.info("Reloaded the model config: %s", sorted(self.models.models))
+
+  def check_reload_allowed(self) -> None:
+    """Raises ServingError FAILED_PRECONDITION in a worker of --num_workers."""
     if not self.reloads_allowed:
       raise ServingError(
         grpc.StatusCode.FAILED_PRECONDITION,
         "with --num_workers > 1 a reload request would reach one worker only; change the "
         "--model_config_file (with --model_config_file_poll_wait_seconds) instead",
       )
-    if self.base_path_roots is not None:
-      for config in configs:
-        self._check_under_roots(config)
-    self.models.reload(configs)
-    logging.info("Reloaded the model config: %s", sorted(self.models.models))
 
   def _check_under_roots(self, config: ModelConfig) -> None:
     real = os.path.realpath(config.base_path)  # `..` and symlinks resolved.
