@@ -184,6 +184,9 @@ def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
     f"--storage={storage}",
     f"--study_dir={tmp_path}/shared",
   ]
+  # MLflow's first-time schema migration of a fresh SQLite store is not safe against two
+  # processes at once (alembic's _alembic_tmp_* tables); create the store before the workers.
+  MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments()
   workers = [_start_worker(*args) for _ in range(2)]
   for worker in workers:
     _, stderr = worker.communicate(timeout=1200)
