@@ -111,8 +111,9 @@ def write_logs(directory: str, rows: np.ndarray) -> None:
   prediction_log.write_records(os.path.join(directory, "log-0"), records)
 
 
-def judge(saved_model: str, current: np.ndarray) -> tuple[list[bool], float]:
-  """Per-feature verdicts on one window of `current`, and the seconds the statistics took."""
+def judge(saved_model: str, current: np.ndarray) -> tuple[list[bool], float, list[str]]:
+  """Per-feature verdicts on one window of `current`, the seconds the statistics took, and the
+  methods used."""
   prof = profile.read_profile(saved_model)
   logs = prediction_log.Logs(
     inputs={"inputs": current},
