@@ -44,17 +44,18 @@ def parse_duration(text: str) -> float:
 
 
 def resolve_export(saved_model, name, version, alias) -> str:
-  """The export directory to judge against."""
+  """The export directory to judge against: --saved_model, or --name with --version or
+  --alias through the MLflow model registry."""
   if saved_model:
     if not os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
       raise MonitorError(f"--saved_model={saved_model} is not a SavedModel directory")
     return saved_model
   if name:
-    raise MonitorError(
-      f"--name={name} needs the MLflow model registry (mlops/registry), which this checkout "
-      "lacks; give --saved_model=BASE/VERSION"
-    )
-  raise MonitorError("give --saved_model=BASE/VERSION (or --name with --version/--alias)")
+    if version and alias:
+      raise MonitorError("give --version or --alias, not both")
+    reference = f"{name}@{alias}" if alias else f"{name}/{version}" if version else name
+    return profile_lib.resolve_registered(reference)[0]
+  raise MonitorError("give --saved_model=BASE/VERSION or --name with --version/--alias")
 
 
 def options_from_flags() -> monitor_windows.MonitorOptions:

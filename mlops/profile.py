@@ -81,11 +81,25 @@ class ProfileError(ValueError):
   """A missing or unreadable profile; the message names the command that writes one."""
 
 
+def resolve_registered(reference: str) -> tuple[str, str, int]:
+  """(export directory, model name, version) of `name@alias` or `name/version` through the
+  MLflow model registry (mlops/registry_store.py). Raises ProfileError with the registry's
+  message (unknown name, alias or version; unreachable store)."""
+  from mlops import registry_store
+
+  try:
+    found = registry_store.resolve_reference(registry_store.client(), reference)
+  except registry_store.RegistryError as e:
+    raise ProfileError(str(e)) from e
+  return found.source, found.name, int(found.version)
+
+
 def profile_path(saved_model: str) -> str:
   return os.path.join(saved_model, ASSETS_EXTRA, PROFILE_FILE)
 
 
 def add_profile_command(saved_model: str) -> str:
+  """The command that adds a profile (`--name=... --version=...` does the same by registry)."""
   return f"python -m mlops.profile --saved_model={saved_model}"
 
 
@@ -346,6 +360,9 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   saved_model = values.saved_model
   try:
+    if values.name and not saved_model:
+      reference = f"{values.name}/{values.version}" if values.version else values.name
+      saved_model = resolve_registered(reference)[0]
     if not saved_model:
       raise ProfileError("--saved_model=BASE/VERSION (an export directory) is required")
     if not os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
@@ -363,6 +380,8 @@ def _define_flags() -> None:
   from absl import flags
 
   flags.DEFINE_string("saved_model", None, "The export (BASE/VERSION) to profile.")
+  flags.DEFINE_string("name", None, "A registered model (MLflow registry) instead.")
+  flags.DEFINE_integer("version", None, "Its version (with --name); default: the newest.")
   flags.DEFINE_string(
     "workdir", None, "The training run, when the export's manifest lacks a usable config."
   )

@@ -138,7 +138,7 @@ def test_cli_errors_are_one_line(saved_model, tmp_path):
   port = model_server.free_port()  # nothing listens there
   cases = {
     "does not answer": [f"--ray_address=127.0.0.1:{port}"],
-    "MLflow model registry": ["--model=digits@production"],
+    "not a registered model": ["--model=digits@production"],
   }
   for expected, extra in cases.items():
     args = [f"--input={tmp_path}/x.npz", f"--output={tmp_path}/out"]

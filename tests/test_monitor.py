@@ -177,7 +177,7 @@ def test_cli_errors_are_one_line(saved_model, logs, tmp_path):
   cases = {
     "--window=soon": [f"--saved_model={saved_model}", f"--logs={directory}", "--window=soon"],
     "profile.json": [f"--saved_model={tmp_path}", f"--logs={directory}"],
-    "mlops/registry": ["--name=digits", "--alias=production", f"--logs={directory}"],
+    "not a registered model": ["--name=digits", "--alias=production", f"--logs={directory}"],
   }
   (tmp_path / "saved_model.pb").write_bytes(b"")  # a SavedModel without a profile
   for expected, args in cases.items():

@@ -93,10 +93,14 @@ def resolve_model(model: str | None, saved_model: str | None, model_name: str | 
   if model and saved_model:
     raise BatchPredictError("give --model or --saved_model, not both")
   if model:
-    raise BatchPredictError(
-      f"--model={model} resolves through the MLflow model registry (mlops/registry), which this "
-      "checkout lacks; give --saved_model=BASE/VERSION"
-    )
+    from mlops import profile
+
+    if "@" not in model and "/" not in model:
+      raise BatchPredictError(f"--model={model} is not NAME@ALIAS or NAME/VERSION")
+    try:
+      return profile.resolve_registered(model)
+    except profile.ProfileError as e:
+      raise BatchPredictError(f"--model={model}: {e}") from e
   if not saved_model:
     raise BatchPredictError("give --saved_model=BASE/VERSION (or --model=NAME@ALIAS)")
   saved_model = os.path.normpath(saved_model)
@@ -216,7 +220,9 @@ def run(
   start = time.perf_counter()
   # Small blocks of whole batches: they stream through the pool within Ray Data's object store
   # budget (one block of a quarter of the rows each stalls a pool of 1 on 500k rows).
-  per_block = batch_size * max(1, min(BATCHES_PER_BLOCK, -(-len(rows) // (batch_size * num_actors))))
+  per_block = batch_size * max(
+    1, min(BATCHES_PER_BLOCK, -(-len(rows) // (batch_size * num_actors)))
+  )
   blocks = inputs_lib.to_blocks(rows, signature.input_name, per_block)
   dataset = ray.data.from_arrow(blocks).map_batches(
     predictor.SavedModelPredictor,
