@@ -51,8 +51,10 @@ import os
 import numpy as np
 from absl import logging
 
-PROFILE_FILE = "profile.json"
-ASSETS_EXTRA = "assets.extra"
+from serving import contract
+
+PROFILE_FILE = contract.PROFILE_FILE
+ASSETS_EXTRA = contract.ASSETS_EXTRA_DIR
 SCHEMA_VERSION = 1
 NUM_BINS = 16
 # Every half percent, and denser in the tails: Wasserstein distances from a uniform grid alone
@@ -95,7 +97,7 @@ def resolve_registered(reference: str) -> tuple[str, str, int]:
 
 
 def profile_path(saved_model: str) -> str:
-  return os.path.join(saved_model, ASSETS_EXTRA, PROFILE_FILE)
+  return contract.profile_path(saved_model)
 
 
 def add_profile_command(saved_model: str) -> str:

@@ -8,6 +8,7 @@ A model base path holds numeric version directories, each a TF SavedModel:
   <base_path>/<version>/saved_model.pb, variables/, fingerprint.pb
   <base_path>/<version>/assets.extra/tf_serving_warmup_requests   (PredictLogs TF Serving replays)
   <base_path>/<version>/assets.extra/manifest.json                (ExportManifest, this project's)
+  <base_path>/<version>/assets.extra/profile.json                 (reference profile, mlops/profile.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SERVE_TAG = "serve"
 ASSETS_EXTRA_DIR = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 EXPORT_MANIFEST_FILE = "manifest.json"
+# The reference profile the monitor judges traffic against (schema: mlops/profile.py).
+PROFILE_FILE = "profile.json"
 # TF Serving replays at most this many warmup records.
 MAX_WARMUP_RECORDS = 1000
 
@@ -59,6 +62,10 @@ def warmup_path(version_path: str) -> str:
 
 def export_manifest_path(version_path: str) -> str:
   return os.path.join(version_path, ASSETS_EXTRA_DIR, EXPORT_MANIFEST_FILE)
+
+
+def profile_path(version_path: str) -> str:
+  return os.path.join(version_path, ASSETS_EXTRA_DIR, PROFILE_FILE)
 
 
 def resolve_signature_name(name: str) -> str:
