@@ -210,9 +210,10 @@ def main(argv: list[str]) -> None:
         f"{rates['batching'] / rates['plain']:.2f}x | {errors} |"
       )
   finally:
-    for name, server in servers.items():
-      if server.stop() != 0:
-        raise SystemExit(f"the {name} server failed; see {server.log_path}")
+    codes = {name: server.stop() for name, server in servers.items()}  # Stop all, then judge.
+    for name, code in codes.items():
+      if code != 0:
+        raise SystemExit(f"the {name} server failed; see {servers[name].log_path}")
   _in_process(base, latest, x, batching_options)
 
 

@@ -263,8 +263,11 @@ def _serve(worker: int | None) -> None:
 
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
+  parent = os.getppid()
   while not stop.wait(0.5):  # A timed wait lets the signal handler run promptly.
-    pass
+    if worker is not None and os.getppid() != parent:
+      logging.error("Worker %d: the supervisor is gone; shutting down", worker)
+      break
   _shut_down(health, httpd, grpc, batch_scheduler, models)
 
 
