@@ -10,6 +10,7 @@ import numpy as np
 
 from mlops.gate_quality import make_check
 from mlops.registry_store import RegistryError
+from serving import contract
 
 
 def signatures(version_dir: str) -> dict[str, dict]:
@@ -81,7 +82,7 @@ def golden(model, gate) -> tuple[dict, dict]:
   signature = next(
     s
     for s in task.serving_signatures(model, inputs, max_new_tokens=4)
-    if s.name == "serving_default"
+    if s.name == contract.DEFAULT_SIGNATURE
   )
   fn_inputs = signature.golden_fn_inputs or signature.golden_inputs
   expected = jax.device_get(jax.jit(signature.fn)(model.variables, fn_inputs))

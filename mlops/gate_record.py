@@ -10,8 +10,10 @@ import tempfile
 
 from absl import logging
 
-RECORD_JSON = os.path.join("assets.extra", "gate_record.json")
-RECORD_MD = os.path.join("assets.extra", "gate_record.md")
+from serving import contract
+
+RECORD_JSON = os.path.join(contract.ASSETS_EXTRA_DIR, "gate_record.json")
+RECORD_MD = os.path.join(contract.ASSETS_EXTRA_DIR, "gate_record.md")
 
 
 def markdown(record: dict) -> str:

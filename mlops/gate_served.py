@@ -21,6 +21,7 @@ import numpy as np
 
 from mlops.gate_quality import make_check as _check
 from mlops.registry_store import REPO, RegistryError
+from serving import contract
 
 SERVER_ENV = {"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -118,7 +119,7 @@ def replay_warmup(stub, name: str, version: int, version_dir: str) -> dict:
   import tensorflow as tf
   from tensorflow_serving.apis import prediction_log_pb2
 
-  path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+  path = contract.warmup_path(version_dir)
   sent, errors = 0, []
   for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
     log = prediction_log_pb2.PredictionLog.FromString(record)
@@ -144,7 +145,7 @@ def parity(stub, rest_port, name, version, golden: dict, expected: dict, toleran
   import tensorflow as tf
 
   checks = []
-  response = stub.Predict(_request(name, version, "serving_default", golden), timeout=60)
+  response = stub.Predict(_request(name, version, contract.DEFAULT_SIGNATURE, golden), timeout=60)
   got_grpc = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
   body = json.dumps({"inputs": {k: v.tolist() for k, v in golden.items()}}).encode()
   url = f"http://127.0.0.1:{rest_port}/v1/models/{name}/versions/{version}:predict"
@@ -173,7 +174,7 @@ def latencies(stub, name, versions, golden: dict, batch_size: int, requests: int
   """{version: (p50 ms, p99 ms)} of `requests` Predicts of `batch_size` rows per version, the
   versions interleaved so that both see the same machine load."""
   tiled = {k: np.resize(v, (batch_size, *v.shape[1:])) for k, v in golden.items()}
-  prepared = {v: _request(name, v, "serving_default", tiled) for v in versions}
+  prepared = {v: _request(name, v, contract.DEFAULT_SIGNATURE, tiled) for v in versions}
   times = {v: [] for v in versions}
   for i in range(requests + 3):
     for version in versions:

@@ -12,9 +12,10 @@ import os
 import yaml
 
 from mlops import gate_record
+from serving import contract
 
-CARD = os.path.join("assets.extra", "MODEL_CARD.md")
-CONFUSION_PNG = os.path.join("assets.extra", "confusion_matrix.png")
+CARD = os.path.join(contract.ASSETS_EXTRA_DIR, "MODEL_CARD.md")
+CONFUSION_PNG = os.path.join(contract.ASSETS_EXTRA_DIR, "confusion_matrix.png")
 NOT_PROVIDED = "_not provided_ (set `config.card.{}` in the training config)"
 
 

@@ -15,12 +15,13 @@ import os
 import numpy as np
 
 from mlops import profile as profile_lib
+from serving import contract
 
 SIGNATURE = "serving_default"
 
 
 def _manifest(saved_model: str, workdir: str | None) -> dict:
-  path = os.path.join(saved_model, profile_lib.ASSETS_EXTRA, "manifest.json")
+  path = contract.export_manifest_path(saved_model)
   if not os.path.isfile(path):
     raise profile_lib.ProfileError(
       f"{saved_model} has no {profile_lib.ASSETS_EXTRA}/manifest.json; give an export directory "

@@ -25,11 +25,10 @@ import time
 import jax
 from absl import logging
 
+from serving import contract
 from serving.export import compatibility, loading, parity, signatures
 from trainer.errors import ConfigError
 
-ASSETS_EXTRA = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
 # Golden examples from the eval split: the parity gate runs them, warmup replays a few.
 NUM_GOLDEN = 8
 NUM_WARMUP = 2
@@ -190,7 +189,7 @@ def set_method_names(path: str, method_names: dict[str, str]) -> None:
   from tensorflow.core.protobuf import saved_model_pb2
   from tensorflow.python.saved_model import fingerprinting_utils
 
-  pb_path = os.path.join(path, "saved_model.pb")
+  pb_path = os.path.join(path, contract.SAVED_MODEL_FILE)
   with open(pb_path, "rb") as f:
     saved_model = saved_model_pb2.SavedModel.FromString(f.read())
   changed = False
@@ -207,35 +206,34 @@ def set_method_names(path: str, method_names: dict[str, str]) -> None:
     return
   with open(pb_path, "wb") as f:
     f.write(saved_model.SerializeToString(deterministic=True))
-  if os.path.exists(os.path.join(path, "fingerprint.pb")):
+  if os.path.exists(os.path.join(path, contract.FINGERPRINT_FILE)):
     fingerprinting_utils.write_fingerprint(path)  # It hashes saved_model.pb and the signatures.
 
 
 def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -> None:
   """`assets.extra/`: warmup requests TF Serving replays, and where this version came from."""
-  extra = os.path.join(tmp_path, ASSETS_EXTRA)
-  os.makedirs(extra, exist_ok=True)
-  _write_warmup_requests(os.path.join(extra, WARMUP_FILE), signature_list)
+  os.makedirs(os.path.join(tmp_path, contract.ASSETS_EXTRA_DIR), exist_ok=True)
+  _write_warmup_requests(contract.warmup_path(tmp_path), signature_list)
   run_manifest = {}
   manifest_path = os.path.join(workdir, "manifest.json")
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       run_manifest = json.load(f)
-  export_manifest = {
-    "checkpoint_step": model.step,
-    "eval_metrics": model.metrics,
-    "config": model.config.to_dict(),
-    "data_spec": model.data_spec.to_json(),
-    "data_fingerprint": run_manifest.get("data_fingerprint"),
-    "git": run_manifest.get("git"),
-    "training_packages": run_manifest.get("packages"),
-    "workdir": os.path.abspath(workdir),
-    "signatures": {s.name: s.doc for s in signature_list},
-    "parity_max_relative_error": errors,
-    "export": compatibility.export_info(platforms),
-  }
-  with open(os.path.join(extra, "manifest.json"), "w") as f:
-    json.dump(export_manifest, f, indent=2, sort_keys=True, default=str)
+  export_manifest = contract.ExportManifest(
+    checkpoint_step=model.step,
+    eval_metrics=model.metrics,
+    config=model.config.to_dict(),
+    data_spec=model.data_spec.to_json(),
+    data_fingerprint=run_manifest.get("data_fingerprint"),
+    git=run_manifest.get("git"),
+    training_packages=run_manifest.get("packages"),
+    workdir=os.path.abspath(workdir),
+    signatures={s.name: s.doc for s in signature_list},
+    parity_max_relative_error=errors,
+    export=compatibility.export_info(platforms),
+  )
+  with open(contract.export_manifest_path(tmp_path), "w") as f:
+    json.dump(export_manifest.to_dict(), f, indent=2, sort_keys=True, default=str)
 
 
 def _write_profile(tmp_path: str, final_path: str) -> None:
