@@ -74,6 +74,15 @@ def test_progress_rate_is_pending_until_a_step_ran():
   assert 0 < rate < 4 / 0.01
 
 
+def test_only_the_enabled_process_prints_progress(caplog):
+  caplog.set_level(logging.INFO)
+  ProgressLogger(total_steps=10, first_step=0, enabled=False).log(5, 0.5, 100.0)
+  assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
+  ProgressLogger(total_steps=10, first_step=0).log(5, 0.5, 100.0)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert lines == ["step 5/10 (50%) | loss 0.5000 | 100.0 steps/s | ETA 0:00:00"], lines
+
+
 def test_eta_after_resume_is_sane(tmp_path, one_device, caplog):
   workdir = str(tmp_path / "run")
   overrides = {"checkpoint.every_steps": 4, "eval.every_steps": 100, "eval.max_batches": 1}

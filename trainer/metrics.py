@@ -138,10 +138,15 @@ class StepMetrics:
 
 
 class ProgressLogger:
-  """`step 300/1500 (20%) | loss 0.1234 | 812.4 steps/s | ETA 0:00:01` on the console."""
+  """`step 300/1500 (20%) | loss 0.1234 | 812.4 steps/s | ETA 0:00:01` on the console.
 
-  def __init__(self, total_steps: int, first_step: int):
+  Every process keeps the rate (it is also a metric); only the one built with `enabled` (process
+  0) prints, so a multi-process run shows one progress line per logging step.
+  """
+
+  def __init__(self, total_steps: int, first_step: int, enabled: bool = True):
     self._total = total_steps
+    self._enabled = enabled
     self._last_step, self._last_time = first_step, time.perf_counter()
 
   def steps_per_sec(self, step: int) -> float:
@@ -154,6 +159,8 @@ class ProgressLogger:
     return rate
 
   def log(self, step: int, loss: float, steps_per_sec: float) -> None:
+    if not self._enabled:
+      return
     if math.isfinite(steps_per_sec) and steps_per_sec > 0:
       rate = f"{steps_per_sec:.1f} steps/s"
       eta = str(datetime.timedelta(seconds=round((self._total - step) / steps_per_sec)))

@@ -365,7 +365,9 @@ class _TrainLoop:
     self.writer = writer
     self.start_step = start_step
     self.step_metrics = StepMetrics()
-    self.progress = ProgressLogger(self.config.train.num_steps, start_step)
+    self.progress = ProgressLogger(
+      self.config.train.num_steps, start_step, enabled=jax.process_index() == 0
+    )
     self.early_stopping = _EarlyStopping(self.config.eval)
     if loop_state:
       self.early_stopping.load_state_dict(loop_state["early_stopping"])
