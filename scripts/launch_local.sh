@@ -6,7 +6,7 @@
 #       --config=configs/digits_cnn.py:smoke --workdir=/tmp/mh
 #
 # Every argument after `--` goes to `python -m trainer.main` in every process. Output lines are
-# prefixed with the process index. If any process fails, the others are stopped and the launcher
+# prefixed with the process index; only process 0 prints progress lines. If any process fails, the others are stopped and the launcher
 # exits with the failing process's status. SIGTERM/SIGINT to the launcher reach every process
 # (each saves a checkpoint and exits 0). Stopping is SIGTERM, then, after --grace_seconds
 # (default 60), SIGKILL to every process still running and to its children.
@@ -81,12 +81,15 @@ stop_all() {
 trap 'stop_all' TERM INT
 trap '[[ -n "$killer" ]] && kill "$killer" 2>/dev/null; wait' EXIT
 
+# Gloo's native code prints one "connected to N peer ranks" line per process at start-up, which
+# nothing can turn off from Python; the launcher drops exactly those.
+gloo_noise='/^\[Gloo\] Rank [0-9]* is connected to [0-9]* peer ranks/d'
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices_per_process" \
   JAX_PLATFORMS=cpu \
     "${new_group[@]}" "$python" -u -m trainer.main "$@" \
       --coordinator_address="127.0.0.1:$port" --num_processes="$num_processes" --process_id="$i" \
-      > >(sed -u "s/^/[process $i] /") 2> >(sed -u "s/^/[process $i] /" >&2) &
+      > >(sed -u -e "$gloo_noise" -e "s/^/[process $i] /") 2> >(sed -u -e "$gloo_noise" -e "s/^/[process $i] /" >&2) &
   pids+=("$!")
 done
 
