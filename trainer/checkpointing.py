@@ -86,11 +86,7 @@ class Checkpointer:
     self._tracks_best = config.keep_best > 0
     # Metrics are recorded (and best_step tracked) only when keeping the best; otherwise Orbax
     # would warn at every save that no metrics came with it.
-    tracking = (
-      dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
-      if config.keep_best > 0
-      else {}
-    )
+    tracking = _best_tracking(best_metric, best_mode, config.keep_best)
     self._manager = _manager(
       checkpoint_dir(workdir),
       read_only=False,
@@ -323,9 +319,7 @@ def read_run_info(workdir: str) -> RunInfo:
     raise ConfigError(f"{workdir} holds no complete checkpoint (looked in {directory})")
   config, data_spec, _ = read_step_items(workdir, steps[-1])
   best_metric, best_mode = f"eval/{config.eval.best_metric}", config.eval.best_mode
-  tracking = {}
-  if config.checkpoint.keep_best > 0:
-    tracking = dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
+  tracking = _best_tracking(best_metric, best_mode, config.checkpoint.keep_best)
   with _manager(directory, read_only=True, **tracking) as manager:
     best = manager.best_step() if tracking else None
     latest = manager.latest_step()
@@ -438,3 +432,11 @@ def _abstract_variables(model: nn.Module, data_spec: DataSpec, device: jax.Devic
   return jax.tree.map(
     lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes)
   )
+
+
+def _best_tracking(best_metric: str, best_mode: str, keep_best: int) -> dict:
+  """The CheckpointManager options that make Orbax track the best step: the same for the writer
+  and every reader, so both agree on which step is best. Empty when the run keeps no best."""
+  if keep_best <= 0:
+    return {}
+  return dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
