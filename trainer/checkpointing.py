@@ -226,6 +226,16 @@ def _manager(
     "loop_state": ocp.JsonCheckpointHandler(),
     "data_spec": ocp.JsonCheckpointHandler(),
   }
+  if read_only:
+    # A reader runs in whichever processes call it (the end-of-run report runs in process 0
+    # only): its barriers must not wait for the other processes of a multi-process job.
+    this_process = jax.process_index()
+    options.setdefault(
+      "multiprocessing_options",
+      ocp.options.MultiprocessingOptions(
+        primary_host=this_process, active_processes={this_process}
+      ),
+    )
   return ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(
