@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import jax
 from absl import logging
@@ -146,3 +147,40 @@ def log_resolved(kind: str, *, coordinator: str | None) -> None:
     jax.device_count(),
     jax.devices()[0].device_kind,
   )
+
+
+# Exit status of a process whose cross-process collective failed (a peer exited or vanished).
+PEER_FAILURE_EXIT_CODE = 4
+
+
+def exit_failed_process(error: BaseException) -> None:
+  """Ends this process of a multi-process job at once, after logging why; never returns.
+
+  A normal interpreter exit runs jax.distributed's shutdown barrier, which waits for every
+  peer: a peer that died never arrives, so this process would sit out the heartbeat timeout and
+  then abort (SIGABRT), and a peer still blocked in a collective with this process would wait
+  just as long. `os._exit` closes this process's sockets now, so every peer's collective fails
+  within seconds and the scheduler restarts the job from its last checkpoint.
+
+  A failed collective (a peer exited first) is one log line and PEER_FAILURE_EXIT_CODE; any
+  other exception is a bug, logged with its traceback, and exits 1.
+  """
+  where = f"process {jax.process_index()}/{jax.process_count()}"
+  if isinstance(error, jax.errors.JaxRuntimeError):
+    logging.error(
+      "%s: a cross-process computation failed, most likely because a peer process exited or "
+      "lost its connection (see the peers' logs for the first failure): %s. Exiting with "
+      "status %d without the shutdown barrier; restart the job to resume from its last "
+      "checkpoint.",
+      where,
+      " ".join(str(error).split())[:500],
+      PEER_FAILURE_EXIT_CODE,
+    )
+    code = PEER_FAILURE_EXIT_CODE
+  else:
+    logging.exception("%s failed; exiting without the shutdown barrier.", where, exc_info=error)
+    code = 1
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)

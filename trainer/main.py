@@ -126,6 +126,10 @@ def run(argv: Sequence[str]) -> int:
     result = train.train_and_evaluate(command.config, command.workdir)
   except (ConfigError, NonFiniteError) as e:
     return _report_error(e)
+  except Exception as e:  # Re-raised below when this is the only process.
+    if jax.process_count() > 1:
+      distributed.exit_failed_process(e)
+    raise
   if jax.process_index() == 0:
     _print_summary(result)
   return 0
