@@ -126,6 +126,7 @@ def judge(saved_model: str, current: np.ndarray) -> tuple[list[bool], float, lis
     version_label=np.full(len(current), ""),
     arm=np.full(len(current), ""),
     latency_us=np.zeros(len(current), np.int64),
+    role=np.full(len(current), "primary"),
   )
   options = monitor_windows.MonitorOptions(min_window_rows=1)
   start = time.perf_counter()

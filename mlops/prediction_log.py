@@ -21,7 +21,9 @@ replays as `assets.extra/tf_serving_warmup_requests`):
     - `latency_us` (int): time from receipt to response;
     - `status_code` (int): the gRPC status code answered (0 = OK; an error record's response has
       no other outputs);
-    - `format` (int): `FORMAT_VERSION` of this encoding.
+    - `format` (int): `FORMAT_VERSION` of this encoding;
+    - `role` (str): "primary", or "shadow" for the mirrored copy of a request, logged under the
+      primary's request id (absent in older records: primary).
   Replay tools use the request only, and output keys starting with `__` are never a model's, so
   the extra tensor breaks nothing that reads TF Serving's logs.
 * Files may be rotated and named freely (`filename_prefix` + a suffix); `read_logs` reads every
@@ -57,6 +59,7 @@ METADATA_FIELDS = (
   "latency_us",
   "status_code",
   "format",
+  "role",
 )
 FORMAT_VERSION = 1
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC-32C of the length
@@ -97,6 +100,7 @@ class RecordMetadata:
   arm: str | None = None
   latency_us: int = 0
   status_code: int = 0
+  role: str = "primary"
 
 
 @dataclasses.dataclass
@@ -117,6 +121,7 @@ class Logs:
   version_label: np.ndarray  # str
   arm: np.ndarray  # str ('' when no split applied)
   latency_us: np.ndarray  # int64
+  role: np.ndarray  # str: "primary" or "shadow"
   num_records: int = 0
   torn_records: int = 0
   # status code -> count of records that answered an error.
@@ -200,6 +205,7 @@ def decode_metadata(log) -> RecordMetadata:
     arm=extra.get("arm"),
     latency_us=int(extra.get("latency_us", 0)),
     status_code=int(extra.get("status_code", 0)),
+    role=str(extra.get("role") or "primary"),
   )
 
 
@@ -344,6 +350,7 @@ class _Collector:
       version_label=per_row([m.version_label for m in metas], object).astype(str),
       arm=per_row([m.arm or "" for m in metas], object).astype(str),
       latency_us=per_row([m.latency_us for m in metas], np.int64),
+      role=per_row([m.role for m in metas], object).astype(str),
       num_records=self.num_records,
       torn_records=self.torn,
       error_records=dict(self.errors),
@@ -384,6 +391,7 @@ def make_record(
     "latency_us": meta.latency_us,
     "status_code": meta.status_code,
     "format": FORMAT_VERSION,
+    "role": meta.role,
   }
   metadata_tensor = response.outputs[METADATA_KEY]
   metadata_tensor.dtype = 7  # DT_STRING
