@@ -470,3 +470,29 @@ def test_default_config_on_eight_devices_in_one_process_does_not_deadlock(tmp_pa
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "training done at step 300" in proc.stdout
+
+
+@pytest.mark.parametrize("devices_per_process", [2, 4])
+def test_default_config_in_two_processes_trains_to_the_end(tmp_path, devices_per_process):
+  """2 processes x 2 or x 4 devices (data mesh): this hung before step 100 (the deadlock) and
+  then after the final eval (the end-of-run report's checkpoint barrier)."""
+  proc = subprocess.run(
+    [
+      LAUNCHER,
+      "--num_processes=2",
+      f"--devices_per_process={devices_per_process}",
+      "--grace_seconds=5",
+      "--",
+      "--config=configs/digits_cnn.py",
+      f"--workdir={tmp_path}",
+      *_flags(_run_ahead(100)),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    env={**os.environ, "PYTHON": sys.executable},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "training done at step 100" in proc.stdout, proc.stdout[-3000:]
+  assert (tmp_path / "report" / "report.md").exists()
