@@ -126,6 +126,10 @@ class Logs:
   torn_records: int = 0
   # status code -> count of records that answered an error.
   error_records: dict[int, int] = dataclasses.field(default_factory=dict)
+  # Error records by role ("primary"/"shadow"), and the primary ones by arm ('' = no split):
+  # error records have no rows, and the A/B and shadow reports need their share per arm/role.
+  errors_by_role: dict[str, int] = dataclasses.field(default_factory=dict)
+  errors_by_arm: dict[str, int] = dataclasses.field(default_factory=dict)
   # reason -> count of OK records whose inputs break the schema (training/serving skew).
   schema_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
   # Records of another model than the one asked for.
@@ -270,7 +274,7 @@ def read_logs(
         collected.other_model += 1
         continue
       if meta.status_code != 0:
-        collected.errors[meta.status_code] = collected.errors.get(meta.status_code, 0) + 1
+        collected.add_error(meta)
         continue
       predict = log.predict_log
       try:
@@ -296,7 +300,16 @@ class _Collector:
     self.meta: list[tuple[RecordMetadata, int]] = []
     self.num_records = self.torn = self.other_model = 0
     self.errors: dict[int, int] = {}
+    self.errors_by_role: dict[str, int] = {}
+    self.errors_by_arm: dict[str, int] = {}
     self.breaks: dict[str, int] = {}
+
+  def add_error(self, meta: RecordMetadata) -> None:
+    self.errors[meta.status_code] = self.errors.get(meta.status_code, 0) + 1
+    self.errors_by_role[meta.role] = self.errors_by_role.get(meta.role, 0) + 1
+    if meta.role == "primary":
+      arm = meta.arm or ""
+      self.errors_by_arm[arm] = self.errors_by_arm.get(arm, 0) + 1
 
   def add_break(self, reason: str) -> None:
     self.breaks[reason] = self.breaks.get(reason, 0) + 1
@@ -354,6 +367,8 @@ class _Collector:
       num_records=self.num_records,
       torn_records=self.torn,
       error_records=dict(self.errors),
+      errors_by_role=dict(self.errors_by_role),
+      errors_by_arm=dict(self.errors_by_arm),
       schema_breaks=dict(self.breaks),
       other_model_records=self.other_model,
     )

@@ -4,22 +4,14 @@ display, safe off the main thread). Each function writes one file and returns it
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mlops.report_format import no_data as _no_data
+from mlops.report_format import save_figure as _save
 from mlops.report_records import RunRecords
-
-_DPI = 110
-
-
-def _save(figure: Figure, directory: str, name: str) -> str:
-  FigureCanvasAgg(figure)
-  figure.savefig(os.path.join(directory, name), dpi=_DPI)
-  return name
 
 
 def _plot_series(axes, records: RunRecords, tag: str, label: str, **style) -> bool:
@@ -28,10 +20,6 @@ def _plot_series(axes, records: RunRecords, tag: str, label: str, **style) -> bo
     return False
   axes.plot(series[0], series[1], label=label, marker="o" if len(series[0]) < 30 else None, **style)
   return True
-
-
-def _no_data(axes, what: str) -> None:
-  axes.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=axes.transAxes)
 
 
 def training_curves(records: RunRecords, best_metric: str, directory: str) -> str:

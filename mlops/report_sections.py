@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from mlops.report_format import table as _table
 from mlops.report_records import ModelFacts, RunRecords
 from trainer import tracking
 from trainer.metrics import flatten_config
@@ -29,18 +30,6 @@ _KEY_HYPERPARAMETERS = (
 )
 # A train/eval loss gap above this fraction of the eval loss is called out.
 _GAP_WARNING = 0.2
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def _cell(value: object) -> str:
-  if isinstance(value, float):
-    return "n/a" if math.isnan(value) else f"{value:.4g}"
-  return str(value).replace("|", "\\|")
 
 
 def objective(config: dict) -> str:
