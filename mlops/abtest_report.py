@@ -247,21 +247,11 @@ def overview_plot(result: AbtestResult, directory: str) -> str:
   if any(result.arms[a]["labelled"] for a in arms):
     metric.errorbar(x, values, yerr=errs, fmt="o", capsize=5)
     metric.set_xticks(x, arms)
+    metric.set_xlim(-0.5, len(arms) - 0.5)
   else:
     report_format.no_data(metric, "labels (--feedback)")
   metric.set(title=f"{result.metric} per arm (95% CI)", xlabel="arm", ylabel=result.metric)
-  drawn = False
-  for a in arms:
-    values_ms = np.sort(result.latency_us[a]) / 1e3
-    if len(values_ms):
-      latency.plot(values_ms, np.arange(1, len(values_ms) + 1) / len(values_ms), label=a)
-      drawn = True
-  if drawn:
-    latency.set_xscale("log")
-    latency.legend(fontsize=8)
-  else:
-    report_format.no_data(latency, "latencies")
-  latency.set(title="Latency (empirical CDF)", xlabel="latency (ms, log)", ylabel="share <= x")
+  report_format.latency_cdfs(latency, {a: result.latency_us[a] / 1e3 for a in arms})
   for axes in (counts, metric, latency):
     axes.grid(alpha=0.3)
   return report_format.save_figure(figure, directory, "abtest.png")

@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -39,3 +40,26 @@ def save_figure(figure: Figure, directory: str, name: str) -> str:
 
 def no_data(axes, what: str) -> None:
   axes.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=axes.transAxes)
+
+
+def latency_cdfs(axes, latency_ms: dict[str, np.ndarray]) -> bool:
+  """Empirical CDFs of latencies (ms), one line per name; a log axis only when the values span
+  more than a decade (narrow ranges get unreadable log ticks). Returns whether anything was drawn."""
+  drawn = [v for v in latency_ms.values() if len(v)]
+  for name, values in latency_ms.items():
+    if len(values):
+      ordered = np.sort(values)
+      axes.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=name)
+  if not drawn:
+    no_data(axes, "latencies")
+    axes.set(title="Latency (empirical CDF)", xlabel="latency (ms)", ylabel="share <= x")
+    return False
+  low = min(float(np.min(v)) for v in drawn)
+  high = max(float(np.max(v)) for v in drawn)
+  log = low > 0 and high / low > 10
+  if log:
+    axes.set_xscale("log")
+  axes.legend(fontsize=8)
+  axes.set(title="Latency (empirical CDF)", ylabel="share <= x")
+  axes.set(xlabel="latency (ms, log scale)" if log else "latency (ms)")
+  return True
