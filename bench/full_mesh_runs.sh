@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${1:-$(mktemp -d /tmp/full_mesh_runs.XXXXXX)}"
+mkdir -p "$root"
 timeout_s="${TIMEOUT_S:-900}"
 python="${PYTHON:-.venv/bin/python}"
 [[ -x "$python" ]] || python=python3
@@ -20,13 +21,13 @@ status=0
 run() {
   local name="$1"
   shift
-  local start=$SECONDS code=0
-  timeout --kill-after=30 "$timeout_s" "$@" > "$root/$name.log" 2>&1 || code=$?
+  local start=$SECONDS code=0 log="$root/${name//[^a-z0-9]/_}.log"
+  timeout --kill-after=30 "$timeout_s" "$@" > "$log" 2>&1 || code=$?
   local result="done"
-  grep -q "training done at step 1500" "$root/$name.log" || result="FAILED (exit $code)"
+  grep -q "training done at step 1500" "$log" || result="FAILED (exit $code)"
   ((code == 0)) || result="FAILED (exit $code)"
   [[ $result == done ]] || status=1
-  printf '%-24s %-20s %5d s  %s\n' "$name" "$result" $((SECONDS - start)) "$root/$name.log"
+  printf '%-24s %-20s %5d s  %s\n' "$name" "$result" $((SECONDS - start)) "$log"
 }
 
 export PYTHON="$python"  # For scripts/launch_local.sh.
