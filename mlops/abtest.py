@@ -1,14 +1,16 @@
 r"""A/B test report on prediction logs: is the split healthy, and does the treatment arm differ?
 
   python -m mlops.abtest --logs=/logs/digits [--feedback=labels.csv] [--metric=accuracy] \
-      [--weights=stable=90,canary=10] [--control=stable] [--mde=0.02] [--sequential] [--out=DIR]
+      [--weights=stable=90,canary=10 | --traffic_config=FILE [--model=NAME]] [--control=stable] \
+      [--mde=0.02] [--sequential] [--out=DIR]
 
 Reads the logs (mlops/prediction_log.py's format; primary records with an `arm` only: shadow
 copies and requests that named a version themselves are counted and left out) and writes
 `abtest.md`, `abtest.json` and PNGs to --out (default LOGS/abtest):
 
 * requests per arm (OK + error records) and the sample-ratio-mismatch check against --weights
-  (default: equal weights, said so in the report), flagged at p < 0.001;
+  or the split in the server's --traffic_config (default: equal weights, said so in the
+  report), flagged at p < 0.001;
 * error rate per arm; with --feedback, --metric per arm on labelled rows, joined by request id,
   as treatment - control with a 95% CI and p-value (every arm against --control, default the
   first arm of --weights);
@@ -25,6 +27,7 @@ Exit status 0 with the report written, 1 with one `error: ...` line on bad input
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -85,6 +88,32 @@ def parse_weights(text: str) -> dict[str, float]:
   if len(weights) < 2 or sum(weights.values()) <= 0:
     raise AbtestError(f"--weights={text}: needs at least two arms and a positive total")
   return weights
+
+
+def weights_from_traffic_config(path: str, model: str | None) -> dict[str, float]:
+  """The split's weights of `model` (or of the file's only model) in the server's traffic
+  config (`--traffic_config_file`, JSON: {"models": {NAME: {"split": {"arms": [{"label": L,
+  "weight": W}, ...]}}}}). Raises AbtestError naming the file and what is missing."""
+  try:
+    with open(path) as f:
+      models = json.load(f)["models"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise AbtestError(
+      f"--traffic_config={path} is not a readable traffic config ({e}); give the server's "
+      "--traffic_config_file or --weights"
+    ) from e
+  if model is None and len(models) == 1:
+    model = next(iter(models))
+  if model not in models:
+    raise AbtestError(
+      f"--traffic_config={path}: give --model= one of {sorted(models)} (model {model!r})"
+    )
+  try:
+    arms = models[model]["split"]["arms"]
+    text = ",".join(f"{arm['label']}={arm['weight']}" for arm in arms)
+  except (KeyError, TypeError) as e:
+    raise AbtestError(f"--traffic_config={path}: model {model} has no split arms ({e})") from e
+  return parse_weights(text)
 
 
 def _read(logs_dir: str, feedback: str | None):
@@ -224,6 +253,10 @@ def _flag_values(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   flags.DEFINE_string("feedback", None, "CSV/JSONL of request_id,label[,row].", flag_values=fv)
   flags.DEFINE_string("metric", "accuracy", f"One of {METRICS}.", flag_values=fv)
   flags.DEFINE_string("weights", None, "Configured split, e.g. a=50,b=50.", flag_values=fv)
+  flags.DEFINE_string(
+    "traffic_config", None, "Take the weights from the server's traffic config.", flag_values=fv
+  )
+  flags.DEFINE_string("model", None, "Model in --traffic_config (if several).", flag_values=fv)
   flags.DEFINE_string("control", None, "Control arm (default: first of --weights).", flag_values=fv)
   flags.DEFINE_float("mde", 0.02, "Minimum detectable (absolute) effect.", flag_values=fv)
   flags.DEFINE_bool("sequential", False, "Add the always-valid mSPRT.", flag_values=fv)
@@ -241,11 +274,16 @@ def main(argv: list[str]) -> int:
       raise AbtestError(f"unexpected arguments: {rest[1:]}")
     if not fv.logs:
       raise AbtestError("--logs=DIR (the prediction log directory) is required")
+    if fv.weights and fv.traffic_config:
+      raise AbtestError("give --weights or --traffic_config, not both")
+    weights = parse_weights(fv.weights) if fv.weights else None
+    if fv.traffic_config:
+      weights = weights_from_traffic_config(fv.traffic_config, fv.model)
     result = analyze(
       fv.logs,
       feedback=fv.feedback,
       metric=fv.metric,
-      weights=parse_weights(fv.weights) if fv.weights else None,
+      weights=weights,
       control=fv.control,
       mde=fv.mde,
       sequential=fv.sequential,

@@ -112,6 +112,15 @@ def test_skewed_split_is_flagged(tmp_path):
   assert not abtest.analyze(logs, weights={"a": 53, "b": 47}).srm.flagged
 
 
+def test_weights_from_the_servers_traffic_config(tmp_path):
+  path = tmp_path / "traffic.json"
+  split = {"key": "x-user-id", "arms": [{"label": "a", "weight": 53}, {"label": "b", "weight": 47}]}
+  path.write_text(json.dumps({"models": {"digits": {"split": split}}}))
+  assert abtest.weights_from_traffic_config(str(path), None) == {"a": 53.0, "b": 47.0}
+  with pytest.raises(abtest.AbtestError, match="give --model= one of"):
+    abtest.weights_from_traffic_config(str(path), "other")
+
+
 def test_sample_size_plan_asks_for_more_requests_when_short(effect_logs):
   logs, feedback = effect_logs
   result = abtest.analyze(logs, feedback=feedback, weights={"a": 50, "b": 50}, mde=0.01)
@@ -155,6 +164,7 @@ def test_bad_input_is_one_error_line(tmp_path, effect_logs, capsys):
     "--weights=a=50,c=50": "lacks the logged arms ['b']",
     "--weights=a=-5,b=50": "bad item 'a=-5'",
     "--control=z": "--control=z is not an arm",
+    f"--traffic_config={tmp_path / 'none.json'}": "is not a readable traffic config",
   }
   for flag, message in cases.items():
     argv = ["abtest", f"--logs={logs}", f"--feedback={feedback}", flag, f"--out={tmp_path}/o"]
