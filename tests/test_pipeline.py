@@ -1,0 +1,285 @@
+"""Continuous training (mlops.pipeline): the watch guards on fake monitor results and a fake
+clock; the lock; one smoke `run` end to end that promotes v1, and a second whose gate fails and
+is not promoted; bad input as one `error:` line with nothing promoted."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from mlops import pipeline_data, pipeline_guards, pipeline_run, pipeline_watch, registry_store
+from mlops.pipeline_guards import Observation, Policy, State
+from tests.helpers import model_server
+
+REPO = model_server.REPO
+ALERT = ("drift",)
+POLICY = Policy(persistence_windows=2, cooldown_s=600, min_new_labels=50, max_retrains_per_day=2)
+
+
+def _seen(alerts: list[tuple[str, ...]], labelled: int) -> Observation:
+  return Observation(tuple(alerts), labelled)
+
+
+def test_an_alert_must_persist_for_k_windows():
+  one = pipeline_guards.decide(POLICY, State(), _seen([(), ALERT], 500), now=0)
+  assert not one.retrain and "1 window(s) in a row; needs 2" in one.reason
+  broken = pipeline_guards.decide(POLICY, State(), _seen([ALERT, (), ALERT], 500), now=0)
+  assert not broken.retrain
+  two = pipeline_guards.decide(POLICY, State(), _seen([ALERT, ("accuracy", "drift")], 500), now=0)
+  assert two.retrain and two.alerts == ["accuracy", "drift"]
+
+
+def test_cooldown_min_new_labels_and_daily_cap():
+  state = pipeline_guards.record_outcome(State(), _seen([ALERT], 100), now=1000, outcome="promoted")
+  alerting = [ALERT, ALERT]
+  few = pipeline_guards.decide(POLICY, state, _seen(alerting, 149), now=5000)
+  assert not few.retrain and "49 new labelled rows" in few.reason
+  cooling = pipeline_guards.decide(POLICY, state, _seen(alerting, 150), now=1500)
+  assert not cooling.retrain and "cooldown: 100 s left" in cooling.reason
+  assert pipeline_guards.decide(POLICY, state, _seen(alerting, 150), now=1600).retrain
+  state = pipeline_guards.record_outcome(state, _seen(alerting, 150), now=1600, outcome="promoted")
+  capped = pipeline_guards.decide(POLICY, state, _seen(alerting, 999), now=9000)
+  assert not capped.retrain and "daily cap: 2 retrains" in capped.reason
+  # The cap is a rolling 24 hours: a day after the first retrain one more may start.
+  assert pipeline_guards.decide(POLICY, state, _seen(alerting, 999), now=1000 + 86400).retrain
+
+
+def test_a_rejected_candidate_blocks_retrains_until_new_labelled_data():
+  rejected = pipeline_guards.record_outcome(State(), _seen([ALERT], 80), now=0, outcome="rejected")
+  assert rejected.blocked_at_labels == 80
+  no_cap = Policy(persistence_windows=1, cooldown_s=0, min_new_labels=0, max_retrains_per_day=99)
+  same = pipeline_guards.decide(no_cap, rejected, _seen([ALERT], 80), now=10**6)
+  assert not same.retrain and "failed its gate at 80 labelled rows" in same.reason
+  assert pipeline_guards.decide(no_cap, rejected, _seen([ALERT], 81), now=10**6).retrain
+  promoted = pipeline_guards.record_outcome(rejected, _seen([ALERT], 81), 10**6, "promoted")
+  assert promoted.blocked_at_labels is None
+
+
+def test_state_file_round_trips_and_a_corrupt_one_is_an_error(tmp_path):
+  path = str(tmp_path / "state.json")
+  assert pipeline_guards.read_state(path) == State()
+  state = State((1.0, 2.0), 30, 30, "rejected")
+  pipeline_guards.write_state(path, state)
+  assert pipeline_guards.read_state(path) == state
+  assert os.listdir(tmp_path) == ["state.json"]  # No temporary left beside it.
+  (tmp_path / "state.json").write_text("[1, 2")
+  with pytest.raises(pipeline_guards.GuardError, match="not a watch state file"):
+    pipeline_guards.read_state(path)
+
+
+def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+  path = str(tmp_path / "pipeline.lock")
+  with pipeline_guards.PipelineLock(path):
+    assert pipeline_guards.PipelineLock(path).holder()["pid"] == os.getpid()
+    with pytest.raises(pipeline_guards.GuardError, match=f"already running \\(pid {os.getpid()}"):
+      pipeline_guards.PipelineLock(path).acquire()
+  assert not os.path.exists(path)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(path, "w") as f:  # What a crashed pipeline leaves behind.
+    json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": 0}, f)
+  with pipeline_guards.PipelineLock(path):
+    assert pipeline_guards.PipelineLock(path).holder()["pid"] == os.getpid()
+  with open(path, "w") as f:  # Another host's holder cannot be checked: it is honoured.
+    json.dump({"pid": dead.pid, "host": "elsewhere", "started": 0}, f)
+  with pytest.raises(pipeline_guards.GuardError, match="on elsewhere"):
+    pipeline_guards.PipelineLock(path).acquire()
+
+
+def test_watch_retrains_once_and_not_again_on_the_same_data_after_a_rejection(tmp_path):
+  """Five passes with a persisting alert: one retrain (rejected), three held back on the same
+  labelled rows, then new labels arrive and the fifth pass retrains again."""
+  labelled = iter([100, 100, 100, 100, 160])
+  clock = iter(range(0, 10**6, 1000))
+  runs = []
+
+  def fake_run(options):
+    runs.append(options.trigger)
+    return pipeline_run.PipelineResult("rejected", len(runs) + 1, f"run{len(runs)}", "p", "no")
+
+  options = pipeline_watch.WatchOptions(
+    name="digits",
+    logs=str(tmp_path),
+    every_s=0.01,
+    state_file=str(tmp_path / "s.json"),
+    policy=Policy(persistence_windows=2, cooldown_s=0, min_new_labels=10, max_retrains_per_day=9),
+    max_iterations=5,
+  )
+  lines = []
+  state = pipeline_watch.watch(
+    options,
+    pipeline_run.RunOptions(config="c.py", name="digits"),
+    observe=lambda _: _seen([ALERT, ALERT], next(labelled)),
+    run=fake_run,
+    clock=lambda: float(next(clock)),
+    report=lines.append,
+  )
+  assert [t["labelled_rows"] for t in runs] == [100, 160]
+  assert runs[0]["kind"] == "watch" and runs[0]["alerts"] == ["drift"]
+  assert sum("waiting for new labelled data" in line for line in lines) == 3
+  assert state.blocked_at_labels == 160 and len(state.retrain_times) == 2
+  assert pipeline_guards.read_state(options.state_file) == state
+  events = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+  assert [e["retrain"] for e in events] == [True, False, False, False, True]
+
+
+def test_window_alerts_name_drift_and_accuracy():
+  class Window:
+    def __init__(self, judged, drift=False, accuracy=None):
+      self.judged, self.dataset_drift, self.prediction_drift = judged, drift, False
+      self.accuracy = accuracy
+
+  accuracy = type("Accuracy", (), {"alert": True})()
+  windows = [Window(True), Window(False), Window(True, drift=True, accuracy=accuracy)]
+  assert pipeline_watch.window_alerts(windows) == ((), ("drift", "accuracy"))
+
+
+def test_feedback_rows_join_the_training_split_only(tmp_path):
+  from tests.helpers import prediction_logs
+
+  data = tmp_path / "data"
+  data.mkdir()
+  rng = np.random.default_rng(0)
+  for split in ("train", "validation", "test"):
+    np.savez(data / f"{split}.npz", inputs=rng.random((20, 8, 8, 1)), labels=np.arange(20) % 10)
+  rows = rng.random((6, 64)).astype(np.float32)
+  ids = prediction_logs.write_log(
+    str(tmp_path / "logs" / "a.log"), rows, {"scores": np.zeros((6, 10), np.float32)}
+  )
+  (tmp_path / "fb.csv").write_text("request_id,label\n" + f"{ids[1]},3\n{ids[4]},7\nnope,1\n")
+  prepared = pipeline_data.prepare(
+    str(data), str(tmp_path / "logs"), str(tmp_path / "fb.csv"), "digits", str(tmp_path / "out")
+  )
+  assert prepared.feedback_rows == 2
+  added = np.load(tmp_path / "out" / "train-1-feedback.npz")
+  assert added["inputs"].shape == (2, 8, 8, 1) and added["labels"].tolist() == [3, 7]
+  np.testing.assert_array_equal(added["inputs"][1].reshape(64), rows[4])
+  flags = dict(o.removeprefix("--config.data.").split("=", 1) for o in prepared.overrides)
+  assert flags["train_path"].endswith("out/train-*.npz") and flags["name"] == "npz"
+  assert flags["test_path"] == str(data / "test.npz")  # The gate's test split stays the user's.
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "mlops.pipeline", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, **(env or {})},
+  )
+
+
+def _one_error_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
+  assert done.returncode == 1, done.stderr
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+  config = "--config=configs/digits_cnn.py:smoke"
+  root = f"--root={tmp_path}"
+  _one_error_line(
+    _cli("run", config, "--name=x", root, "--promote=canary"), "--promote=canary", "not built yet"
+  )
+  _one_error_line(
+    _cli("watch", config, "--name=x", root, "--logs=/nonexistent/logs", "--every_s=60"),
+    "--logs=/nonexistent/logs",
+  )
+  _one_error_line(
+    _cli("watch", config, "--name=no_such_model", root, f"--logs={tmp_path}", "--every_s=60"),
+    "no_such_model",
+  )
+  _one_error_line(
+    _cli("run", config, "--name=x", root, f"--include_feedback_logs={tmp_path}", "--feedback=f"),
+    "needs --data",
+  )
+  # A pipeline started while one runs (this test process holds the lock): nothing trained.
+  with pipeline_guards.PipelineLock(os.path.join(str(tmp_path), "pipeline.lock")):
+    done = _cli("run", config, "--name=x", root)
+  _one_error_line(done, "a pipeline is already running", f"pid {os.getpid()}")
+  assert sorted(os.listdir(tmp_path)) == ["pipeline.lock.guard"]
+
+
+FAST_GATE = (
+  "from configs.gates import smoke\n"
+  "def get_gate_config():\n"
+  "  c = smoke.get_gate_config()\n"
+  "  c.served.enabled = False  # The served path has its own tests (test_gate.py).\n"
+  "  c.quality.floors = {'accuracy': FLOOR}\n"
+  "  return c\n"
+)
+
+
+def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_path):
+  client = registry_store.client()
+  name = "pipeline_digits"  # The session's throwaway store (conftest) holds other tests' models.
+  gates = {}
+  for verdict, floor in (("pass", 0.2), ("fail", 1.01)):
+    gates[verdict] = tmp_path / f"{verdict}.py"
+    gates[verdict].write_text(FAST_GATE.replace("FLOOR", str(floor)))
+  options = pipeline_run.RunOptions(
+    config=os.path.join(REPO, "configs", "digits_cnn.py:smoke"),
+    name=name,
+    root=str(tmp_path / "pipeline"),
+    export_base=str(tmp_path / "models" / name),
+    gate=str(gates["pass"]),
+    config_overrides=("--noconfig.tracking.report",),
+    trigger={"kind": "ci"},
+  )
+  first = pipeline_run.run_pipeline(options)
+  assert (first.outcome, first.version) == ("promoted", 1), first.message
+  assert registry_store.alias_version(client, name, "production") == 1
+  run = client.get_run(first.mlflow_run_id)
+  tags = run.data.tags
+  assert run.info.status == "FINISHED" and tags["pipeline.trigger"] == "ci"
+  assert {tags[f"pipeline.step.{s}"] for s in ("train", "register", "validate", "promote")} == {
+    "ok"
+  }
+  assert tags["pipeline.version"] == "1" and tags["pipeline.outcome"] == "promoted"
+  assert client.get_run(tags["pipeline.training_run_id"]).info.status == "FINISHED"
+  assert client.get_model_version(name, "1").tags["pipeline.run_id"] == first.mlflow_run_id
+  with open(first.record_path) as f:
+    assert [s["step"] for s in json.load(f)["steps"]] == [
+      "train",
+      "register",
+      "validate",
+      "promote",
+    ]
+
+  second = pipeline_run.run_pipeline(
+    pipeline_run.RunOptions(**{**options.__dict__, "gate": str(gates["fail"])})
+  )
+  assert (second.outcome, second.version) == ("rejected", 2), second.message
+  assert "quality.accuracy_floor" in second.message
+  assert registry_store.alias_version(client, name, "production") == 1
+  tags = client.get_run(second.mlflow_run_id).data.tags
+  assert tags["pipeline.step.validate"] == "rejected" and tags["pipeline.step.promote"] == "skipped"
+  assert tags["pipeline.gate_failed"] == "quality.accuracy_floor"
+  assert client.get_model_version(name, "2").tags["gate.verdict"] == "fail"
+  assert not os.path.exists(options.lock_path())
+
+
+def test_the_watch_stops_on_its_event(tmp_path):
+  stop = threading.Event()
+  stop.set()
+  options = pipeline_watch.WatchOptions(
+    name="d", logs=".", every_s=3600, state_file=str(tmp_path / "s.json"), policy=POLICY
+  )
+  seen = []
+  pipeline_watch.watch(
+    options,
+    pipeline_run.RunOptions(config="c.py", name="d"),
+    observe=lambda _: seen.append(1) or _seen([], 0),
+    run=lambda _: pytest.fail("no alert, no run"),
+    stop=stop,
+    report=lambda _: None,
+  )
+  assert seen == [1]  # One pass, then the set event ends the wait at once.
