@@ -35,6 +35,9 @@ payload CRC): lengths and their CRCs are checked; payload CRCs are not (no CRC-3
 locked, and a Python loop per byte would be the reader's whole cost), a torn payload shows as a
 short read or a proto that does not parse.
 
+The encoder (`make_record`, `RecordMetadata`, `decode_metadata`) is serving/server/log_format.py,
+the server's writer serving/server/prediction_logger.py.
+
 Feedback (ground truth) joins by request id: a CSV or JSONL file with `request_id` and `label`
 (and `row` for requests of several rows; default 0).
 """
@@ -50,18 +53,16 @@ import struct
 import numpy as np
 from absl import logging
 
-METADATA_KEY = "__log_metadata__"
-METADATA_FIELDS = (
-  "request_id",
-  "version_label",
-  "time_us",
-  "arm",
-  "latency_us",
-  "status_code",
-  "format",
-  "role",
+# The record format's one definition is the server's (it writes the logs); re-exported here.
+from serving.server.log_format import (  # noqa: F401
+  FORMAT_VERSION,
+  METADATA_FIELDS,
+  METADATA_KEY,
+  RecordMetadata,
+  decode_metadata,
+  make_record,
 )
-FORMAT_VERSION = 1
+
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC-32C of the length
 _FOOTER_BYTES = 4  # uint32 masked CRC-32C of the payload
 
@@ -86,21 +87,6 @@ def masked_crc32c(data: bytes) -> int:
     crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
   crc ^= 0xFFFFFFFF
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordMetadata:
-  """Per-request metadata of one log record (see the module docstring)."""
-
-  request_id: str
-  time_us: int
-  model_name: str = ""
-  version: int = 0
-  version_label: str = ""
-  arm: str | None = None
-  latency_us: int = 0
-  status_code: int = 0
-  role: str = "primary"
 
 
 @dataclasses.dataclass
@@ -191,26 +177,6 @@ def log_files(directory: str) -> list[str]:
   if not files:
     raise LogError(f"--logs={directory} holds no log files")
   return files
-
-
-def decode_metadata(log) -> RecordMetadata:
-  """The metadata of a parsed PredictionLog (defaults where a writer left fields out)."""
-  spec = log.log_metadata.model_spec
-  extra = {}
-  response = log.predict_log.response
-  if METADATA_KEY in response.outputs:
-    extra = json.loads(response.outputs[METADATA_KEY].string_val[0])
-  return RecordMetadata(
-    request_id=str(extra.get("request_id", "")),
-    time_us=int(extra.get("time_us", log.log_metadata.timestamp_secs * 1_000_000)),
-    model_name=spec.name,
-    version=spec.version.value,
-    version_label=extra.get("version_label") or log.predict_log.request.model_spec.version_label,
-    arm=extra.get("arm"),
-    latency_us=int(extra.get("latency_us", 0)),
-    status_code=int(extra.get("status_code", 0)),
-    role=str(extra.get("role") or "primary"),
-  )
 
 
 def _row_schema(arrays: dict[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -372,51 +338,6 @@ class _Collector:
       schema_breaks=dict(self.breaks),
       other_model_records=self.other_model,
     )
-
-
-def make_record(
-  inputs: dict[str, np.ndarray],
-  outputs: dict[str, np.ndarray],
-  meta: RecordMetadata,
-  *,
-  signature_name: str = "serving_default",
-) -> bytes:
-  """One serialized PredictionLog in the format above (what a server-side writer produces)."""
-  from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
-  from serving.server import tensors
-
-  spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
-  if meta.version:
-    spec.version.value = meta.version
-  asked = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
-  if meta.version_label:  # This writer's client asked by label when there was one.
-    asked.version_label = meta.version_label
-  request = predict_pb2.PredictRequest(model_spec=asked)
-  for name, value in inputs.items():
-    tensors.fill_tensor_proto(request.inputs[name], np.asarray(value))
-  response = predict_pb2.PredictResponse(model_spec=spec)
-  for name, value in outputs.items():
-    tensors.fill_tensor_proto(response.outputs[name], np.asarray(value))
-  extra = {
-    "request_id": meta.request_id,
-    "version_label": meta.version_label or None,
-    "time_us": meta.time_us,
-    "arm": meta.arm,
-    "latency_us": meta.latency_us,
-    "status_code": meta.status_code,
-    "format": FORMAT_VERSION,
-    "role": meta.role,
-  }
-  metadata_tensor = response.outputs[METADATA_KEY]
-  metadata_tensor.dtype = 7  # DT_STRING
-  metadata_tensor.string_val.append(json.dumps(extra).encode())
-  log = prediction_log_pb2.PredictionLog(
-    predict_log=prediction_log_pb2.PredictLog(request=request, response=response)
-  )
-  log.log_metadata.model_spec.CopyFrom(spec)
-  log.log_metadata.timestamp_secs = meta.time_us // 1_000_000
-  return log.SerializeToString()
 
 
 def write_records(path: str, records: list[bytes]) -> None:

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
   regression_pb2,
 )
 
-from serving.server import classify_regress, model_config, tensors
+from serving.server import classify_regress, model_config, request_context, tensors
 from serving.server.errors import ServingError
 from serving.server.handlers import ModelSpec, Outcome, Reply, RequestPath
 
@@ -56,7 +56,18 @@ def _fill_model_spec(model_spec, served) -> None:
     model_spec.signature_name = served.signature_name
 
 
+def _headers(context) -> dict[str, str]:
+  """The call's metadata by (lower-case) key; binary (`-bin`) entries are left out."""
+  return {m.key: m.value for m in context.invocation_metadata() if not m.key.endswith("-bin")}
+
+
 def _answer(outcome: Outcome, context):
+  """The response, or the abort with its status; the request id and arm go in the trailing
+  metadata (`x-request-id`, `x-arm`) either way."""
+  trailing = [(request_context.REQUEST_ID_HEADER, outcome.request_id)]
+  if outcome.arm is not None:
+    trailing.append((request_context.ARM_HEADER, outcome.arm))
+  context.set_trailing_metadata(trailing)
   if outcome.code != grpc.StatusCode.OK:
     context.abort(outcome.code, outcome.message)
   return outcome.value
@@ -77,7 +88,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, prediction.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Predict", spec, predict), context)
+    return _answer(self.path.serve("grpc", "Predict", spec, predict, _headers(context)), context)
 
   def Classify(self, request, context):
     def classify(handlers):
@@ -88,7 +99,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Classify", spec, classify), context)
+    return _answer(self.path.serve("grpc", "Classify", spec, classify, _headers(context)), context)
 
   def Regress(self, request, context):
     def regress(handlers):
@@ -99,7 +110,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Regress", spec, regress), context)
+    return _answer(self.path.serve("grpc", "Regress", spec, regress, _headers(context)), context)
 
   def GetModelMetadata(self, request, context):
     def metadata(handlers):
@@ -110,7 +121,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "GetModelMetadata", spec, metadata), context)
+    return _answer(
+      self.path.serve("grpc", "GetModelMetadata", spec, metadata, _headers(context)), context
+    )
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -128,7 +141,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
       return Reply(response)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "GetModelStatus", spec, status), context)
+    return _answer(
+      self.path.serve("grpc", "GetModelStatus", spec, status, _headers(context)), context
+    )
 
   def HandleReloadConfigRequest(self, request, context):
     """Serves exactly the request's ModelServerConfig (RequestHandlers.reload); answers when

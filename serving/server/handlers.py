@@ -9,6 +9,7 @@ model spec becomes a loaded version.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -19,12 +20,14 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving.server import classify_regress
+from serving.server import classify_regress, log_format, request_context
 from serving.server.errors import ServingError
 from serving.server.loaded_version import LoadedVersion, SignatureInfo
 from serving.server.metrics import Metrics
 from serving.server.model_config import ModelConfig
 from serving.server.model_versions import VersionStatus
+from serving.server.prediction_logger import LogEntry, PredictionLogger
+from serving.server.request_context import RequestContext
 from serving.server.served_models import ServedModels
 
 R = TypeVar("R")
@@ -87,12 +90,15 @@ class Reply(Generic[R]):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Outcome(Generic[R]):
-  """A request's end: OK and its value, or a status code and message (value None)."""
+  """A request's end: OK and its value, or a status code and message (value None); its
+  request id and traffic-split arm, which transports return as `x-request-id` and `x-arm`."""
 
   code: grpc.StatusCode
   message: str = ""
   value: R | None = None
   served: Served | None = None
+  request_id: str = ""
+  arm: str | None = None
 
 
 class RequestHandlers:
@@ -112,19 +118,41 @@ class RequestHandlers:
     worker's models only."""
     self.models = models
     self.reloads_allowed = reloads_allowed
+    # The request's context in a copy bound to one request (`with_context`), else None.
+    self.context: RequestContext | None = None
     self.base_path_roots = (
       None if base_path_roots is None else [os.path.realpath(r) for r in base_path_roots]
     )
 
+  def with_context(self, context: RequestContext) -> RequestHandlers:
+    """These handlers bound to one request: its split applies and its arrays are recorded."""
+    bound = copy.copy(self)
+    bound.context = context
+    return bound
+
   def resolve(self, spec: ModelSpec) -> LoadedVersion:
-    """The loaded version that serves `spec`: the one place requests meet versions."""
-    return self.models.resolve(spec.name, spec.version, spec.label)
+    """The loaded version that serves `spec`: the one place requests meet versions. A spec
+    naming neither version nor label takes the arm its context's traffic split picks."""
+    context = self.context
+    if context is None:
+      return self.models.resolve(spec.name, spec.version, spec.label)
+    label = spec.label
+    if spec.version is None and not label and context.split is not None:
+      label = context.arm = context.split.choose(context.headers)
+    context.label = label
+    loaded = self.models.resolve(spec.name, spec.version, label)
+    context.version = loaded.version
+    return loaded
 
   def predict(self, spec: ModelSpec, inputs: Inputs, output_filter=()) -> Prediction:
     served = self.resolve(spec)
     signature = served.signature(spec.signature_name)
     arrays = inputs(signature) if callable(inputs) else inputs
+    if self.context is not None:
+      self.context.signature_name, self.context.inputs = signature.name, arrays
     outputs = served.run(signature.name, arrays, output_filter)
+    if self.context is not None:
+      self.context.outputs = outputs
     return Prediction(Served(served.model_name, served.version, signature.name), outputs)
 
   def classify(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
@@ -201,38 +229,99 @@ def _examples(examples: ExamplesInput, served: LoadedVersion, signature: Signatu
   return examples
 
 
+# Methods the traffic split routes (the others read metadata and status of what was asked).
+ROUTED_METHODS = frozenset({"Predict", "Classify", "Regress"})
+
+
 class RequestPath:
   """The only way a request reaches a model: `serve` runs it on the handlers, maps a
   ServingError to its status code and anything else to INTERNAL (logged), and records the
   request in the metrics. A failure never outlives its request.
 
-  Hook point: routing (A/B, canary), shadowing and prediction logging belong here, in `serve`
-  (every request, its spec and its outcome pass through it) and in `RequestHandlers.resolve`
-  (the one place a spec picks a version). Add them there, not in a transport.
+  Hooks, all here: the request id (`x-request-id`), the traffic split (through the request's
+  context, applied in `RequestHandlers.resolve`), the prediction log and the shadow copy of a
+  Predict (after it answered: neither ever delays or fails the request).
   """
 
-  def __init__(self, handlers: RequestHandlers, metrics: Metrics):
+  def __init__(
+    self,
+    handlers: RequestHandlers,
+    metrics: Metrics,
+    *,
+    logger: PredictionLogger | None = None,
+    traffic=None,
+    shadows=None,
+  ):
+    """`traffic`: a traffic.TrafficPolicy (its current policy is read per request);
+    `shadows`: a shadow.ShadowRunner for the mirrored copies."""
     self.handlers = handlers
     self.metrics = metrics
+    self.logger = logger
+    self.traffic = traffic
+    self.shadows = shadows
 
   def serve(
-    self, api: str, method: str, spec: ModelSpec, work: Callable[[RequestHandlers], Reply[R]]
+    self,
+    api: str,
+    method: str,
+    spec: ModelSpec,
+    work: Callable[[RequestHandlers], Reply[R]],
+    headers: Mapping[str, str] | None = None,
   ) -> Outcome[R]:
     """Runs `work(handlers)` for the request `method` of `api` ("grpc", "rest") on `spec`
-    (decoding and encoding included, so a malformed request is counted too). Never raises."""
+    (decoding and encoding included, so a malformed request is counted too). `headers`: the
+    request's gRPC metadata or HTTP headers (`get` by lower-case name). Never raises."""
+    start_us = time.time_ns() // 1000
     start = time.perf_counter()
-    version = spec.version
+    context = RequestContext(request_context.request_id(headers), headers or {})
+    if self.traffic is not None and method in ROUTED_METHODS:
+      context.split = self.traffic.split_for(spec.name)
+    value = served = None
+    message = ""
     try:
-      reply = work(self.handlers)
-      outcome = Outcome(grpc.StatusCode.OK, "", reply.value, reply.served)
-      if reply.served is not None:
-        version = reply.served.version
+      reply = work(self.handlers.with_context(context))
+      code, value, served = grpc.StatusCode.OK, reply.value, reply.served
     except ServingError as e:
-      outcome = Outcome(e.code, e.message)
+      code, message = e.code, e.message
     except Exception as e:
       logging.exception("%s %s failed", api, method)
-      outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-    self.metrics.observe(
-      api, method, spec.name, version, outcome.code.name, time.perf_counter() - start
-    )
-    return outcome
+      code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - start
+    version = served.version if served is not None else (context.version or spec.version)
+    self.metrics.observe(api, method, spec.name, version, code.name, seconds)
+    if method == "Predict" and (self.logger is not None or self.shadows is not None):
+      self._after_predict(spec, context, code, start_us, seconds)
+    return Outcome(code, message, value, served, context.request_id, context.arm)
+
+  def _after_predict(self, spec, context: RequestContext, code, start_us: int, seconds: float):
+    """Logs a sampled Predict and queues its shadow copy; neither blocks."""
+    config = self.handlers.models.configs.get(spec.name)
+    logging_config = config.logging if config is not None else None
+    logged = self.logger is not None and PredictionLogger.sampled(logging_config)
+    if logged:
+      meta = log_format.RecordMetadata(
+        request_id=context.request_id,
+        time_us=start_us,
+        model_name=spec.name,
+        version=context.version or 0,
+        version_label=context.label,
+        arm=context.arm,
+        latency_us=int(seconds * 1e6),
+        status_code=code.value[0],
+        role="primary",
+      )
+      ok = code == grpc.StatusCode.OK
+      self.logger.submit(
+        LogEntry(
+          logging_config,
+          context.inputs or {},
+          (context.outputs or {}) if ok else {},
+          meta,
+          context.signature_name or spec.signature_name or "serving_default",
+          (spec.version, spec.label),
+        )
+      )
+    if self.shadows is not None and self.traffic is not None and context.inputs is not None:
+      mirror = self.traffic.mirror_for(spec.name)
+      if mirror is not None and mirror.label != context.label and mirror.sampled():
+        self.shadows.submit(spec, context, logging_config if logged else None, mirror.label)

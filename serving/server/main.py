@@ -98,6 +98,32 @@ _NUM_WORKERS = flags.DEFINE_integer(
   "be fixed and config changes go through --model_config_file (HandleReloadConfigRequest "
   "would reach one worker only, so it is refused).",
 )
+_LOG_MAX_FILE_BYTES = flags.DEFINE_integer(
+  "prediction_log_max_file_bytes",
+  64 << 20,
+  "Prediction log files (a model config's logging_config) rotate once they reach this size.",
+)
+_LOG_QUEUE_SIZE = flags.DEFINE_integer(
+  "prediction_log_queue_size",
+  10_000,
+  "Records waiting for the prediction log writer at most; more are dropped and counted.",
+)
+_TRAFFIC_CONFIG_FILE = flags.DEFINE_string(
+  "traffic_config_file",
+  None,
+  "A JSON traffic policy: per model a sticky split over version labels and a mirrored "
+  "(shadow) label (serving/server/traffic.py). Re-read when it changes; a bad file is refused "
+  "and the previous policy stays.",
+)
+_TRAFFIC_CONFIG_POLL_WAIT = flags.DEFINE_float(
+  "traffic_config_file_poll_wait_seconds", 1.0, "Seconds between reads of --traffic_config_file."
+)
+_SHADOW_WORKERS = flags.DEFINE_integer(
+  "shadow_workers", 2, "Threads running mirrored (shadow) requests."
+)
+_SHADOW_QUEUE_SIZE = flags.DEFINE_integer(
+  "shadow_queue_size", 64, "Shadow requests waiting for a worker at most; more are dropped."
+)
 _SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )
@@ -173,6 +199,33 @@ def _watch_model_config_file(models, path: str, every_seconds: int, stop: thread
       error = message
 
 
+def _traffic_policy(models, server_metrics, stop: threading.Event):
+  """The traffic policy of --traffic_config_file (None without one), watched for changes.
+  Raises app.UsageError for a file that cannot be applied at start."""
+  from serving.server import traffic
+
+  path = _TRAFFIC_CONFIG_FILE.value
+  if not path:
+    return None
+  policy = traffic.TrafficPolicy(models, server_metrics)
+  try:
+    with open(path) as f:
+      text = f.read()
+    policy.apply(text, f"--traffic_config_file={path}")
+  except OSError as e:
+    raise app.UsageError(f"cannot read --traffic_config_file={path}: {e.strerror}") from e
+  except traffic.TrafficConfigError as e:
+    raise app.UsageError(str(e)) from e
+  if _TRAFFIC_CONFIG_POLL_WAIT.value > 0:
+    threading.Thread(
+      target=traffic.watch,
+      args=(policy, path, _TRAFFIC_CONFIG_POLL_WAIT.value, stop),
+      name="traffic-config-watcher",
+      daemon=True,
+    ).start()
+  return policy
+
+
 def _base_path_roots(configs) -> list[str]:
   if _MODEL_BASE_PATH_ROOTS.value is not None:
     return list(_MODEL_BASE_PATH_ROOTS.value)
@@ -196,7 +249,16 @@ def main(argv: list[str]) -> None:
 
 def _serve(worker: int | None) -> None:
   """Runs one server (or one worker of --num_workers) until SIGTERM."""
-  from serving.server import grpc_api, handlers, metrics, model_versions, rest_api, served_models
+  from serving.server import (
+    grpc_api,
+    handlers,
+    metrics,
+    model_versions,
+    prediction_logger,
+    rest_api,
+    served_models,
+    shadow,
+  )
   from serving.server.errors import ServingError
 
   configs = _model_configs()
@@ -218,10 +280,27 @@ def _serve(worker: int | None) -> None:
   models.start()
   roots = _base_path_roots(configs)
   logging.info("Reload requests may serve base paths under %s", roots)
-  request_path = handlers.RequestPath(
-    handlers.RequestHandlers(models, roots, reloads_allowed=worker is None), server_metrics
-  )
   stop = threading.Event()
+  policy = _traffic_policy(models, server_metrics, stop)
+  logger = prediction_logger.PredictionLogger(
+    server_metrics, max_file_bytes=_LOG_MAX_FILE_BYTES.value, queue_size=_LOG_QUEUE_SIZE.value
+  )
+  shadows = None
+  if policy is not None:
+    shadows = shadow.ShadowRunner(
+      models,
+      server_metrics,
+      logger,
+      workers=_SHADOW_WORKERS.value,
+      queue_size=_SHADOW_QUEUE_SIZE.value,
+    )
+  request_path = handlers.RequestPath(
+    handlers.RequestHandlers(models, roots, reloads_allowed=worker is None),
+    server_metrics,
+    logger=logger,
+    traffic=policy,
+    shadows=shadows,
+  )
   if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
     threading.Thread(
       target=_watch_model_config_file,
@@ -269,6 +348,10 @@ def _serve(worker: int | None) -> None:
       logging.error("Worker %d: the supervisor is gone; shutting down", worker)
       break
   _shut_down(health, httpd, grpc, batch_scheduler, models)
+  if shadows is not None:
+    shadows.stop()
+  logger.close()  # After the shadows: their records go to the log too.
+  logging.info("Stopped")
 
 
 def _shut_down(health, httpd, grpc, batch_scheduler, models) -> None:
@@ -283,7 +366,6 @@ def _shut_down(health, httpd, grpc, batch_scheduler, models) -> None:
   if batch_scheduler:
     batch_scheduler.stop()
   models.stop()
-  logging.info("Stopped")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,36 @@ class Metrics:
       registry=self.registry,
     )
 
+    self.log_records = prom.Counter(
+      "serving_prediction_log_records",
+      "Prediction log records by outcome: written, dropped (the writer's queue was full), "
+      "failed (could not be written).",
+      ["model", "outcome"],
+      registry=self.registry,
+    )
+    self.shadow_requests = prom.Counter(
+      "serving_shadow_requests",
+      "Mirrored (shadow) requests by outcome: ok, error, dropped (the shadow queue was full).",
+      ["model", "outcome"],
+      registry=self.registry,
+    )
+    self.traffic_config_loads = prom.Counter(
+      "serving_traffic_config_loads",
+      "Reads of --traffic_config_file by result: applied, refused (the previous policy stays).",
+      ["result"],
+      registry=self.registry,
+    )
+
+  def _known(self, model: str) -> str:
+    # Names from requests are not labels: an attacker could grow the series without bound.
+    return model if model in self.model_names else "unknown"
+
+  def observe_log_record(self, model: str, outcome: str) -> None:
+    self.log_records.labels(self._known(model), outcome).inc()
+
+  def observe_shadow(self, model: str, outcome: str) -> None:
+    self.shadow_requests.labels(self._known(model), outcome).inc()
+
   def set_model_names(self, model_names: list[str]) -> None:
     """The configured models, whose names may be label values (a config reload changes them)."""
     self.model_names = frozenset(model_names)

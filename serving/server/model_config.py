@@ -1,5 +1,6 @@
 """What the server serves: TF Serving's ModelServerConfig (`--model_config_file`, or a
-HandleReloadConfigRequest) as a list of ModelConfig: name, base_path, version policy, labels."""
+HandleReloadConfigRequest) as a list of ModelConfig: name, base_path, version policy, labels
+and the prediction log (`logging_config`)."""
 
 from __future__ import annotations
 
@@ -36,12 +37,33 @@ class VersionPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """TF Serving's LoggingConfig: log a `sampling_rate` share (0..1) of the model's Predict
+  requests to TFRecord files named `filename_prefix` + a suffix (serving/server/
+  prediction_logger.py). `log_collector_config.type` is not used: files are the one collector."""
+
+  filename_prefix: str
+  sampling_rate: float
+
+  def __post_init__(self):
+    if not 0.0 <= self.sampling_rate <= 1.0:
+      raise ValueError(
+        f"logging_config sampling_rate {self.sampling_rate} must lie in [0, 1] (1: every request)"
+      )
+    if not self.filename_prefix:
+      raise ValueError(
+        "logging_config needs log_collector_config { filename_prefix: '/logs/NAME/predict' }"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   name: str
   base_path: str
   version_policy: VersionPolicy = VersionPolicy()
   # label -> version, for model_spec.version_label.
   version_labels: dict[str, int] = dataclasses.field(default_factory=dict)
+  logging: LoggingConfig | None = None
 
   def __post_init__(self):
     if not _MODEL_NAME.match(self.name):
@@ -105,6 +127,7 @@ def from_proto(config, where: str = "the config") -> list[ModelConfig]:
           model.base_path,
           version_policy=_policy(model.model_version_policy),
           version_labels=dict(model.version_labels),
+          logging=_logging(model),
         )
       )
     except ValueError as e:
@@ -122,3 +145,12 @@ def _policy(proto) -> VersionPolicy:
   if kind == "specific":
     return VersionPolicy("specific", versions=tuple(proto.specific.versions))
   return VersionPolicy("all")
+
+
+def _logging(model) -> LoggingConfig | None:
+  if not model.HasField("logging_config"):
+    return None
+  proto = model.logging_config
+  return LoggingConfig(
+    proto.log_collector_config.filename_prefix, proto.sampling_config.sampling_rate
+  )

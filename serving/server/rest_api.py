@@ -32,7 +32,7 @@ import time
 import grpc
 from absl import logging
 
-from serving.server import rest_actions
+from serving.server import request_context, rest_actions
 from serving.server.errors import ServingError
 from serving.server.handlers import ModelSpec, RequestHandlers, RequestPath
 
@@ -214,9 +214,14 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         )
       return rest_actions.ACTIONS[action](handlers, spec, body)
 
-    outcome = self.server.path.serve("rest", _METHODS[action], spec, work)
+    outcome = self.server.path.serve("rest", _METHODS[action], spec, work, self.headers)
     result = outcome.value if outcome.code == grpc.StatusCode.OK else {"error": outcome.message}
-    self._send(_HTTP_STATUS.get(outcome.code, 500), json.dumps(result).encode(), "application/json")
+    extra = {request_context.REQUEST_ID_HEADER: outcome.request_id}
+    if outcome.arm is not None:
+      extra[request_context.ARM_HEADER] = outcome.arm
+    self._send(
+      _HTTP_STATUS.get(outcome.code, 500), json.dumps(result).encode(), "application/json", extra
+    )
 
   def _read_body(self) -> bytes:
     header = self.headers.get("Content-Length") or "0"
@@ -239,10 +244,12 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
       raise ConnectionResetError(f"body ended after {len(body)} of {length} bytes")
     return body
 
-  def _send(self, http_status: int, payload: bytes, content_type: str) -> None:
+  def _send(self, http_status: int, payload: bytes, content_type: str, extra=None) -> None:
     self.connection.settimeout(IDLE_TIMEOUT_SECONDS)  # Reads may have left a shorter one.
     self.send_response(http_status)
     self.send_header("Content-Type", content_type)
+    for name, value in (extra or {}).items():
+      self.send_header(name, value)
     self.send_header("Content-Length", str(len(payload)))
     if self.server.shutting_down.is_set():
       self.send_header("Connection", "close")

@@ -34,6 +34,8 @@ class ServedModels:
     self.batch_scheduler = batch_scheduler
     # Replaced whole by `reload`, never mutated: lookups read one consistent dict.
     self.models: dict[str, ModelVersions] = {}
+    # The configs served, by name (logging config included); replaced whole by `reload`.
+    self.configs: dict[str, ModelConfig] = {}
     self._reload_lock = threading.Lock()
     self._polling = False
     # Called with the new model names after every reload.
@@ -68,6 +70,7 @@ class ServedModels:
       for model in models.values():
         model.poll()
       self.models = models
+      self.configs = {config.name: config for config in configs}
       for name, model in old.items():
         if models.get(name) is not model:
           model.unload_all(reason="removed from the model config")

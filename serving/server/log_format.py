@@ -1,0 +1,111 @@
+"""The prediction log record: one `tensorflow.serving.PredictionLog` per logged request, its
+encoder (`make_record`) and metadata decoder (`decode_metadata`). The one definition of the
+format documented in mlops/prediction_log.py (which re-exports these names and reads log
+directories); it lives on the server's side because the server writes it and never imports
+mlops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from serving.server import tensors
+
+METADATA_KEY = "__log_metadata__"
+METADATA_FIELDS = (
+  "request_id",
+  "version_label",
+  "time_us",
+  "arm",
+  "latency_us",
+  "status_code",
+  "format",
+  "role",
+)
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordMetadata:
+  """Per-request metadata of one log record (see the module docstring)."""
+
+  request_id: str
+  time_us: int
+  model_name: str = ""
+  version: int = 0
+  version_label: str = ""
+  arm: str | None = None
+  latency_us: int = 0
+  status_code: int = 0
+  role: str = "primary"
+
+
+def decode_metadata(log) -> RecordMetadata:
+  """The metadata of a parsed PredictionLog (defaults where a writer left fields out)."""
+  spec = log.log_metadata.model_spec
+  extra = {}
+  response = log.predict_log.response
+  if METADATA_KEY in response.outputs:
+    extra = json.loads(response.outputs[METADATA_KEY].string_val[0])
+  return RecordMetadata(
+    request_id=str(extra.get("request_id", "")),
+    time_us=int(extra.get("time_us", log.log_metadata.timestamp_secs * 1_000_000)),
+    model_name=spec.name,
+    version=spec.version.value,
+    version_label=extra.get("version_label") or log.predict_log.request.model_spec.version_label,
+    arm=extra.get("arm"),
+    latency_us=int(extra.get("latency_us", 0)),
+    status_code=int(extra.get("status_code", 0)),
+    role=str(extra.get("role") or "primary"),
+  )
+
+
+def make_record(
+  inputs: dict[str, np.ndarray],
+  outputs: dict[str, np.ndarray],
+  meta: RecordMetadata,
+  *,
+  signature_name: str = "serving_default",
+  asked: tuple[int | None, str] | None = None,
+) -> bytes:
+  """One serialized PredictionLog in the format of mlops/prediction_log.py. `asked`: the
+  client's (version, label) for the request's model_spec; None: the label that routed it."""
+  from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+  spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
+  if meta.version:
+    spec.version.value = meta.version
+  request_spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
+  asked_version, asked_label = asked if asked is not None else (None, meta.version_label)
+  if asked_version is not None:
+    request_spec.version.value = asked_version
+  elif asked_label:
+    request_spec.version_label = asked_label
+  request = predict_pb2.PredictRequest(model_spec=request_spec)
+  for name, value in inputs.items():
+    tensors.fill_tensor_proto(request.inputs[name], np.asarray(value))
+  response = predict_pb2.PredictResponse(model_spec=spec)
+  for name, value in outputs.items():
+    tensors.fill_tensor_proto(response.outputs[name], np.asarray(value))
+  extra = {
+    "request_id": meta.request_id,
+    "version_label": meta.version_label or None,
+    "time_us": meta.time_us,
+    "arm": meta.arm,
+    "latency_us": meta.latency_us,
+    "status_code": meta.status_code,
+    "format": FORMAT_VERSION,
+    "role": meta.role,
+  }
+  metadata_tensor = response.outputs[METADATA_KEY]
+  metadata_tensor.dtype = 7  # DT_STRING
+  metadata_tensor.string_val.append(json.dumps(extra).encode())
+  log = prediction_log_pb2.PredictionLog(
+    predict_log=prediction_log_pb2.PredictLog(request=request, response=response)
+  )
+  log.log_metadata.model_spec.CopyFrom(spec)
+  log.log_metadata.timestamp_secs = meta.time_us // 1_000_000
+  return log.SerializeToString()

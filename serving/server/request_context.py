@@ -1,0 +1,42 @@
+"""What one request carries through the request path besides its spec: its id, headers, the
+traffic-split arm that routed it, and the arrays it sent and got (for the prediction log and
+the shadow copy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+REQUEST_ID_HEADER = "x-request-id"
+ARM_HEADER = "x-arm"
+# A client's id is kept when it is short and plain (it lands in logs, headers and file records).
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id(headers: Mapping[str, str] | None) -> str:
+  """The client's `x-request-id` when it is 1-128 of [A-Za-z0-9._:-], else a new random id."""
+  given = headers.get(REQUEST_ID_HEADER) if headers is not None else None
+  if given and _CLIENT_ID.match(given):
+    return given
+  return uuid.uuid4().hex
+
+
+@dataclasses.dataclass(slots=True)
+class RequestContext:
+  """Per-request state, filled in by RequestHandlers as the request runs. `headers.get` takes a
+  lower-case name (gRPC metadata keys are lower case; HTTP headers match in any case)."""
+
+  request_id: str
+  headers: Mapping[str, str]
+  split: Any = None  # traffic.SplitPolicy of the request's model, None when none applies
+  arm: str | None = None  # The split arm (a version label) that routed the request.
+  label: str = ""  # The label that routed it: the client's or the arm.
+  signature_name: str = ""
+  inputs: Mapping[str, np.ndarray] | None = None
+  outputs: Mapping[str, np.ndarray] | None = None
+  version: int | None = None  # The version that served (or was resolved for) the request.
