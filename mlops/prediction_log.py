@@ -38,15 +38,13 @@ short read or a proto that does not parse.
 The encoder (`make_record`, `RecordMetadata`, `decode_metadata`) is serving/server/log_format.py,
 the server's writer serving/server/prediction_logger.py.
 
-Feedback (ground truth) joins by request id: a CSV or JSONL file with `request_id` and `label`
-(and `row` for requests of several rows; default 0).
+Feedback (ground truth) joins by request id: mlops/feedback.py (files ending in .jsonl or .csv
+in a log directory are feedback, not logs).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 import struct
 
@@ -58,6 +56,7 @@ from serving.server.log_format import (  # noqa: F401
   FORMAT_VERSION,
   METADATA_FIELDS,
   METADATA_KEY,
+  NOT_LOG_SUFFIXES,
   RecordMetadata,
   decode_metadata,
   make_record,
@@ -172,7 +171,9 @@ def log_files(directory: str) -> list[str]:
   files = sorted(
     os.path.join(directory, name)
     for name in os.listdir(directory)
-    if not name.startswith(".") and os.path.isfile(os.path.join(directory, name))
+    if not name.startswith(".")
+    and not name.endswith(NOT_LOG_SUFFIXES)  # Feedback lives next to the logs.
+    and os.path.isfile(os.path.join(directory, name))
   )
   if not files:
     raise LogError(f"--logs={directory} holds no log files")
@@ -352,54 +353,10 @@ def write_records(path: str, records: list[bytes]) -> None:
   os.replace(tmp, path)
 
 
-@dataclasses.dataclass(frozen=True)
-class Feedback:
-  """Ground-truth labels joined onto log rows."""
+def __getattr__(name: str):
+  # The feedback half moved to mlops/feedback.py; its old names here still work.
+  if name in ("Feedback", "read_feedback", "join_feedback"):
+    from mlops import feedback
 
-  labels: np.ndarray  # int64 per log row; -1 where no feedback exists
-  num_feedback: int  # rows in the feedback file
-  unknown_ids: int  # feedback rows whose (request id, row) is not in the logs
-  matched: int
-
-
-def read_feedback(path: str) -> dict[tuple[str, int], int]:
-  """(request id, row) -> label from a CSV (header `request_id,label[,row]`) or JSONL file.
-
-  Raises LogError naming the file and the line for a missing or non-integer field.
-  """
-  if not os.path.isfile(path):
-    raise LogError(f"--feedback={path} is not a file")
-  with open(path, newline="") as f:
-    if path.endswith((".jsonl", ".json")):
-      entries = [json.loads(line) for line in f if line.strip()]
-    else:
-      entries = list(csv.DictReader(f))
-  labels = {}
-  for line, entry in enumerate(entries, start=1):
-    try:
-      key = (str(entry["request_id"]), int(entry.get("row") or 0))
-      labels[key] = int(entry["label"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise LogError(
-        f"--feedback={path} entry {line}: needs request_id and an integer label ({e!r})"
-      ) from e
-  return labels
-
-
-def join_feedback(logs: Logs, labels: dict[tuple[str, int], int]) -> Feedback:
-  """Labels per log row (-1 where none), and how many feedback entries matched no row."""
-  index = {
-    key: i
-    for i, key in enumerate(
-      zip(logs.request_id.tolist(), logs.row_in_request.tolist(), strict=True)
-    )
-  }
-  joined = np.full(len(logs), -1, np.int64)
-  unknown = 0
-  for key, label in labels.items():
-    row = index.get(key)
-    if row is None:
-      unknown += 1
-    else:
-      joined[row] = label
-  return Feedback(joined, len(labels), unknown, len(labels) - unknown)
+    return getattr(feedback, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,9 +3,11 @@ mlops.prediction_log's format with their metadata, size rotation, drops counted 
 falls behind, and a server killed with SIGKILL under load leaving every complete record
 readable. One logging server for the module, one more for the SIGKILL test."""
 
+import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -203,3 +205,88 @@ def test_sigkill_under_load_leaves_every_complete_record(digits, tmp_path_factor
   assert read.torn_records <= len(files)
   assert set(read.request_id) <= sent
   assert len(set(read.request_id)) == read.num_records - sum(read.error_records.values())
+
+
+def _post(server, path: str, body: bytes):
+  request = urllib.request.Request(server.url + path, body, method="POST")
+  try:
+    with urllib.request.urlopen(request, timeout=30) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_feedback_endpoint_appends_next_to_the_logs(served):
+  from mlops import feedback
+
+  server, logs = served
+  for i in range(3):
+    server.predict_stub.Predict(
+      predict_request(model_server.digits_pixels(2)), metadata=[("x-request-id", f"fb-{i}")]
+    )
+    body = json.dumps({"request_id": f"fb-{i}", "label": i, "row": 1}).encode()
+    assert _post(server, "/v1/models/digits/feedback", body) == (
+      200,
+      {"request_id": f"fb-{i}", "recorded": True},
+    )
+  bad = [
+    ({"request_id": "fb-0"}, 400),  # No label.
+    ({"request_id": "fb-0", "label": -1}, 400),
+    ({"request_id": "fb-0", "label": True}, 400),
+    ({"request_id": "has space", "label": 1}, 400),
+    ({"request_id": "fb-0", "label": 1, "extra": 2}, 400),
+  ]
+  for body, status in bad:
+    assert _post(server, "/v1/models/digits/feedback", json.dumps(body).encode())[0] == status
+  assert _post(server, "/v1/models/nope/feedback", b'{"request_id": "a", "label": 1}')[0] == 404
+  assert _post(server, "/v1/models/digits/versions/1/feedback", b"{}")[0] == 400
+  path = os.path.join(logs, "feedback.jsonl")
+  labels = feedback.read_feedback(path)
+  assert labels == {(f"fb-{i}", 1): i for i in range(3)}
+
+  def logged():
+    read = prediction_log.read_logs(logs)
+    return read if {"fb-0", "fb-1", "fb-2"} <= set(read.request_id) else None
+
+  read = model_server.wait_for(logged, 30, "the feedback requests logged")
+  assert read.torn_records == 0  # The feedback file is not read as a log.
+  joined = feedback.join_feedback(read, labels)
+  assert joined.matched == 3 and joined.unknown_ids == 0
+  for i in range(3):
+    rows = (read.request_id == f"fb-{i}") & (read.row_in_request == 1)
+    assert joined.labels[rows].tolist() == [i]
+  assert (joined.labels >= 0).sum() == 3
+
+
+def test_feedback_import_cli(tmp_path):
+  import subprocess
+  import sys
+
+  from mlops import feedback
+
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  good = tmp_path / "labels.csv"
+  good.write_text("request_id,label,row\na,1,0\nb,2,\n")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"request_id": "c", "label": 3}\n{"request_id": "d", "label": "x"}\n')
+
+  def run(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "mlops.feedback", *args],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=model_server.SERVER_ENV,
+      cwd=model_server.REPO,
+    )
+
+  done = run("import", str(good), f"--logs={logs}")
+  assert done.returncode == 0, done.stderr
+  assert feedback.read_feedback(str(logs / "feedback.jsonl")) == {("a", 0): 1, ("b", 0): 2}
+  refused = run("import", str(bad), f"--logs={logs}")
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr
+  assert (
+    refused.stderr.strip().splitlines()[-1].startswith("error: ") and "entry 2" in refused.stderr
+  )
+  assert feedback.read_feedback(str(logs / "feedback.jsonl")) == {("a", 0): 1, ("b", 0): 2}

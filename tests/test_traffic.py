@@ -223,3 +223,34 @@ def test_shadows_that_error_or_sleep_never_touch_the_primary(served):
   assert shadow_ids <= set(logs.request_id[logs.role == "primary"])
   assert set(logs.version[logs.role == "shadow"]) == {4}
   assert np.all(logs.role[np.isin(logs.request_id, list(shadow_ids))] != "")
+
+
+def test_a_bad_file_at_start_is_one_error_line_and_exit_1(tmp_path):
+  import subprocess
+  import sys
+
+  base = tmp_path / "models" / "tiny"
+  base.mkdir(parents=True)
+  shadow_models.export_erroring(str(base / "1"))
+  bad = tmp_path / "traffic.json"
+  bad.write_text(json.dumps({"models": {"tiny": {"split": _split({"stable": 100})}}}))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "serving.server",
+      "--port=0",
+      "--model_name=tiny",
+      f"--model_base_path={base}",
+      f"--traffic_config_file={bad}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=model_server.SERVER_ENV,
+    cwd=model_server.REPO,
+  )
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "label 'stable' is not a version label" in errors[0], proc.stderr

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving.server import classify_regress, log_format, request_context
+from serving.server import classify_regress, feedback, log_format, request_context
 from serving.server.errors import ServingError
 from serving.server.loaded_version import LoadedVersion, SignatureInfo
 from serving.server.metrics import Metrics
@@ -185,6 +185,13 @@ class RequestHandlers:
     for name, signature_def in served.signature_defs.items():
       signature_defs.signature_def[name].CopyFrom(signature_def)
     return Metadata(Served(served.model_name, served.version, ""), signature_defs)
+
+  def record_feedback(self, model_name: str, entry: dict) -> None:
+    """Appends a checked feedback entry (feedback.parse_entry) next to the model's prediction
+    log. Raises ServingError NOT_FOUND / FAILED_PRECONDITION (no logging_config)."""
+    feedback.append(
+      feedback.feedback_path(self.models.configs.get(model_name), model_name), [entry]
+    )
 
   def status(self, spec: ModelSpec) -> list[VersionStatus]:
     return self.models.status(spec.name, spec.version, spec.label)

@@ -26,6 +26,10 @@ METADATA_FIELDS = (
   "role",
 )
 FORMAT_VERSION = 1
+# Ground truth next to a model's log files (serving/server/feedback.py, mlops/feedback.py); log
+# readers skip files with these suffixes.
+FEEDBACK_FILE = "feedback.jsonl"
+NOT_LOG_SUFFIXES = (".jsonl", ".csv")
 
 
 @dataclasses.dataclass(frozen=True)

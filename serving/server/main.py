@@ -199,9 +199,9 @@ def _watch_model_config_file(models, path: str, every_seconds: int, stop: thread
       error = message
 
 
-def _traffic_policy(models, server_metrics, stop: threading.Event):
-  """The traffic policy of --traffic_config_file (None without one), watched for changes.
-  Raises app.UsageError for a file that cannot be applied at start."""
+def _traffic_policy(configs, models, server_metrics):
+  """The traffic policy of --traffic_config_file (None without one), checked against the
+  configured models' labels before any loads. A bad file: one `error:` line and exit 1."""
   from serving.server import traffic
 
   path = _TRAFFIC_CONFIG_FILE.value
@@ -211,19 +211,28 @@ def _traffic_policy(models, server_metrics, stop: threading.Event):
   try:
     with open(path) as f:
       text = f.read()
-    policy.apply(text, f"--traffic_config_file={path}")
+    policy.apply(
+      text, f"--traffic_config_file={path}", {c.name: set(c.version_labels) for c in configs}
+    )
   except OSError as e:
-    raise app.UsageError(f"cannot read --traffic_config_file={path}: {e.strerror}") from e
+    print(f"error: cannot read --traffic_config_file={path}: {e.strerror}", file=sys.stderr)
+    sys.exit(1)
   except traffic.TrafficConfigError as e:
-    raise app.UsageError(str(e)) from e
-  if _TRAFFIC_CONFIG_POLL_WAIT.value > 0:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  return policy
+
+
+def _watch_traffic_config_file(policy, stop: threading.Event) -> None:
+  from serving.server import traffic
+
+  if policy is not None and _TRAFFIC_CONFIG_POLL_WAIT.value > 0:
     threading.Thread(
       target=traffic.watch,
-      args=(policy, path, _TRAFFIC_CONFIG_POLL_WAIT.value, stop),
+      args=(policy, _TRAFFIC_CONFIG_FILE.value, _TRAFFIC_CONFIG_POLL_WAIT.value, stop),
       name="traffic-config-watcher",
       daemon=True,
     ).start()
-  return policy
 
 
 def _base_path_roots(configs) -> list[str]:
@@ -272,6 +281,7 @@ def _serve(worker: int | None) -> None:
     ),
   )
   models.on_models_changed.append(server_metrics.set_model_names)
+  policy = _traffic_policy(configs, models, server_metrics)
   try:
     models.reload(configs)  # The ports open once the initial versions are loaded (or failed).
   except ServingError as e:
@@ -281,7 +291,7 @@ def _serve(worker: int | None) -> None:
   roots = _base_path_roots(configs)
   logging.info("Reload requests may serve base paths under %s", roots)
   stop = threading.Event()
-  policy = _traffic_policy(models, server_metrics, stop)
+  _watch_traffic_config_file(policy, stop)
   logger = prediction_logger.PredictionLogger(
     server_metrics, max_file_bytes=_LOG_MAX_FILE_BYTES.value, queue_size=_LOG_QUEUE_SIZE.value
   )

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from serving.server import classify_regress
+from serving.server import feedback as feedback_file
 from serving.server.errors import ServingError
 from serving.server.handlers import ModelSpec, Reply, RequestHandlers
 from serving.server.loaded_version import SignatureInfo, TensorSpec
@@ -99,6 +100,18 @@ def regress(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> Reply:
   return Reply(classify_regress.regression_json(answer.result), answer.served)
 
 
+def feedback(handlers: RequestHandlers, spec: ModelSpec, body: bytes) -> Reply:
+  """Records a request's ground truth (serving/server/feedback.py); per model, not version."""
+  if spec.version is not None or spec.label:
+    raise ServingError(
+      grpc.StatusCode.INVALID_ARGUMENT,
+      f"feedback is per model: POST /v1/models/{spec.name}/feedback (no version or label)",
+    )
+  entry = feedback_file.parse_entry(body)
+  handlers.record_feedback(spec.name, entry)
+  return Reply({"request_id": entry["request_id"], "recorded": True})
+
+
 def _with_signature(spec: ModelSpec, signature_name) -> ModelSpec:
   if not isinstance(signature_name, str):
     raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "'signature_name' must be a string")
@@ -111,6 +124,7 @@ ACTIONS = {
   ":predict": predict,
   ":classify": classify,
   ":regress": regress,
+  "/feedback": feedback,
 }
 
 

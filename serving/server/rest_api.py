@@ -5,6 +5,8 @@
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    row ("instances") or columnar ("inputs")
   POST /v1/models/NAME[/versions/N | /labels/L]:classify   {"examples": [...], "context": {...}}
   POST /v1/models/NAME[/versions/N | /labels/L]:regress    (tf.Example features as JSON)
+  POST /v1/models/NAME/feedback   {"request_id": ..., "label": INT[, "row": INT]} (this project's
+                                  extension: ground truth next to the prediction log)
   GET  /monitoring/prometheus/metrics
 
 Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
@@ -39,7 +41,7 @@ from serving.server.handlers import ModelSpec, RequestHandlers, RequestPath
 _ROUTE = re.compile(
   r"^/v1/models/(?P<name>[^/:]+)"
   r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-  r"(?P<action>/metadata|:predict|:classify|:regress)?$"
+  r"(?P<action>/metadata|/feedback|:predict|:classify|:regress)?$"
 )
 _METHODS = {
   "": "GetModelStatus",
@@ -47,7 +49,9 @@ _METHODS = {
   ":predict": "Predict",
   ":classify": "Classify",
   ":regress": "Regress",
+  "/feedback": "Feedback",
 }
+_POST_ACTIONS = frozenset({":predict", ":classify", ":regress", "/feedback"})
 _HTTP_STATUS = {
   grpc.StatusCode.OK: 200,
   grpc.StatusCode.NOT_FOUND: 404,
@@ -205,7 +209,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def work(handlers: RequestHandlers):
       if error is not None:
         raise error
-      if not match or (method == "POST") != action.startswith(":"):
+      if not match or (method == "POST") != (action in _POST_ACTIONS):
         raise ServingError(
           grpc.StatusCode.INVALID_ARGUMENT
           if self.path.startswith("/v1/")

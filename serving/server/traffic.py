@@ -189,11 +189,12 @@ class TrafficPolicy:
   def served_labels(self) -> dict[str, set[str]]:
     return {name: set(c.version_labels) for name, c in self.models.configs.items()}
 
-  def apply(self, text: str, where: str) -> None:
-    """Parses and applies `text`. Raises TrafficConfigError (counted; the policy stays)."""
+  def apply(self, text: str, where: str, labels: Mapping[str, set[str]] | None = None) -> None:
+    """Parses and applies `text`, checked against `labels` (model -> version labels; default:
+    the served models'). Raises TrafficConfigError (counted; the policy stays)."""
     with self._lock:
       try:
-        policies = parse(text, self.served_labels(), where)
+        policies = parse(text, self.served_labels() if labels is None else labels, where)
       except TrafficConfigError:
         self.metrics.traffic_config_loads.labels("refused").inc()
         raise
