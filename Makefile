@@ -13,7 +13,7 @@ MODEL_NAME ?= digits
 # The TF Serving model config file `promote` keeps the labels in.
 MODEL_CONFIG ?= runs/models/models.config
 
-.PHONY: install install-train run test lint format bench clean
+.PHONY: install install-train run pipeline-smoke test lint format bench clean
 
 # The training side alone (no TensorFlow), e.g. for GPU/TPU images.
 $(BIN)/.installed-train: requirements.lock setup.py
@@ -45,6 +45,17 @@ run: install
 	PYTHON=$(abspath $(BIN))/python scripts/serve_and_query.sh $(MODEL_CONFIG) $(MODEL_NAME) production
 	$(BIN)/python -m mlops.registry lineage $(MODEL_NAME)@production
 	@echo "browse the runs and the registry: $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
+
+# The smoke pipeline CI runs (.ci/run, .github/workflows/ml.yml): train -> register -> validate
+# -> promote a 20-step digits model with the smoke gate, into a fresh MLflow store and export base
+# under $(PIPELINE_SMOKE_DIR). Exit 2 when the gate fails, 1 when a step fails.
+PIPELINE_SMOKE_DIR ?= runs/pipeline-smoke
+pipeline-smoke: install
+	rm -rf $(PIPELINE_SMOKE_DIR) && mkdir -p $(PIPELINE_SMOKE_DIR)
+	MLFLOW_TRACKING_URI=sqlite:///$(abspath $(PIPELINE_SMOKE_DIR))/mlflow.db \
+	  $(BIN)/python -m mlops.pipeline run --config=configs/digits_cnn.py:smoke --name=digits \
+	  --root=$(PIPELINE_SMOKE_DIR)/pipeline --export_base=$(PIPELINE_SMOKE_DIR)/models/digits \
+	  --gate=configs/gates/smoke.py --trigger=ci
 
 test: install
 	$(BIN)/python -m pytest
