@@ -218,7 +218,10 @@ FAST_GATE = (
 )
 
 
-def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_path):
+def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_path, monkeypatch):
+  # The training processes on one CPU device: the 8 fake devices of this session only slow
+  # their compilation (this process's JAX has already started with them).
+  monkeypatch.setenv("XLA_FLAGS", "")
   client = registry_store.client()
   name = "pipeline_digits"  # The session's throwaway store (conftest) holds other tests' models.
   gates = {}
@@ -265,6 +268,56 @@ def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_
   assert tags["pipeline.gate_failed"] == "quality.accuracy_floor"
   assert client.get_model_version(name, "2").tags["gate.verdict"] == "fail"
   assert not os.path.exists(options.lock_path())
+  _watch_sees_drift_through_the_real_monitor(tmp_path, name, options)
+
+
+def _watch_sees_drift_through_the_real_monitor(tmp_path, name, run_options):
+  """Traffic whose inputs drift (uniform noise, not digits), with feedback labels, logged for
+  production (v1): one real monitor pass flags drift in every window and starts one retrain."""
+  from tests.helpers import prediction_logs
+
+  saved_model = str(tmp_path / "models" / name / "1")
+  rows = np.random.default_rng(0).uniform(0, 16, (300, 64)).astype(np.float32)
+  logs = tmp_path / "logs"
+  ids = prediction_logs.write_log(
+    str(logs / "a.log"), rows, prediction_logs.served_outputs(saved_model, rows), model_name=name
+  )
+  feedback = tmp_path / "feedback.csv"
+  feedback.write_text("request_id,label\n" + "".join(f"{i},{n % 10}\n" for n, i in enumerate(ids)))
+  options = pipeline_watch.WatchOptions(
+    name=name,
+    logs=str(logs),
+    every_s=0.01,
+    state_file=str(tmp_path / "watch" / "state.json"),
+    policy=Policy(persistence_windows=3, cooldown_s=0, min_new_labels=300, max_retrains_per_day=1),
+    feedback=str(feedback),
+    max_iterations=1,
+    window_requests=100,
+    min_window_rows=100,
+  )
+  seen = pipeline_watch.observe_with_monitor(options)
+  assert seen.labelled_rows == 300 and len(seen.window_alerts) == 3
+  assert all("drift" in kinds for kinds in seen.window_alerts), seen.window_alerts
+  triggers = []
+  pipeline_watch.watch(
+    options,
+    run_options,
+    run=lambda o: (
+      triggers.append(o.trigger) or pipeline_run.PipelineResult("promoted", 3, "r", "p", "ok")
+    ),
+    report=lambda _: None,
+  )
+  assert len(triggers) == 1 and "drift" in triggers[0]["alerts"]
+
+
+def test_run_exit_codes(monkeypatch, capsys):
+  from mlops import pipeline
+
+  for outcome, code in (("promoted", 0), ("rejected", 2), ("failed", 1)):
+    result = pipeline_run.PipelineResult(outcome, 2, "id", "p.json", f"it {outcome}")
+    monkeypatch.setattr(pipeline_run, "run_pipeline", lambda _, r=result: r)
+    assert pipeline._run(pipeline_run.RunOptions(config="c.py", name="d")) == code
+  assert "error: it failed" in capsys.readouterr().err
 
 
 def test_the_watch_stops_on_its_event(tmp_path):
