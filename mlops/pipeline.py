@@ -46,7 +46,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--promote", default="direct", help="direct (canary: not built yet).")
     sub.add_argument("--model_config_file", help="TF Serving model config whose label moves.")
     sub.add_argument("--server", help="host:port of a model server to reload on promote.")
-    sub.add_argument("--feedback", help="Feedback labels (request_id,label[,row]) CSV/JSONL.")
+    sub.add_argument(
+      "--feedback",
+      help="Feedback labels (request_id,label[,row]) CSV/JSONL; watch: default LOGS/feedback.jsonl.",
+    )
   run.add_argument("--include_feedback_logs", help="Add these logs' labelled rows to training.")
   run.add_argument("--trigger", default="manual", help="What started this run (manual, ci).")
   watch.add_argument("--logs", required=True, help="The prediction log directory.")
@@ -63,7 +66,17 @@ def parser() -> argparse.ArgumentParser:
   return root
 
 
+def _default_feedback(args: argparse.Namespace) -> None:
+  """`watch` without --feedback reads the labels the model server collects beside its logs."""
+  if args.command == "watch" and args.feedback is None:
+    from serving.server.log_format import FEEDBACK_FILE
+
+    collected = os.path.join(args.logs, FEEDBACK_FILE)
+    args.feedback = collected if os.path.isfile(collected) else None
+
+
 def run_options(args: argparse.Namespace, overrides: list[str]) -> pipeline_run.RunOptions:
+  _default_feedback(args)
   feedback_logs = getattr(args, "include_feedback_logs", None)
   if args.command == "watch" and args.feedback and args.data:
     feedback_logs = args.logs  # A retrain learns from the traffic that raised the alert.
@@ -85,6 +98,7 @@ def run_options(args: argparse.Namespace, overrides: list[str]) -> pipeline_run.
 
 
 def watch_options(args: argparse.Namespace) -> pipeline_watch.WatchOptions:
+  _default_feedback(args)
   return pipeline_watch.WatchOptions(
     name=args.name,
     logs=args.logs,

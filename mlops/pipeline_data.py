@@ -96,6 +96,7 @@ def prepare(
 
 def labelled_rows(logs_dir: str, feedback: str, model_name: str) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, labels) of the logged primary rows of `model_name` that have a feedback label."""
+  from mlops import feedback as feedback_lib
   from mlops import prediction_log
 
   logs = prediction_log.read_logs(logs_dir, model_name=model_name)
@@ -107,7 +108,7 @@ def labelled_rows(logs_dir: str, feedback: str, model_name: str) -> tuple[np.nda
       "training needs one input tensor"
     )
   logs = logs.select(logs.role != "shadow")  # A mirrored request is the same example twice.
-  joined = prediction_log.join_feedback(logs, prediction_log.read_feedback(feedback))
+  joined = feedback_lib.join_feedback(logs, feedback_lib.read_feedback(feedback))
   keep = joined.labels >= 0
   (inputs,) = logs.inputs.values()
   return np.asarray(inputs)[keep], joined.labels[keep]
