@@ -113,11 +113,14 @@ def committed_moves(records: list[dict], name: str, alias: str) -> list[dict]:
 
 
 def alias_history(records: list[dict], name: str, alias: str) -> list[int]:
-  """The versions `alias` went through, as a stack: a promote pushes, a rollback pops; the top
-  is the current version and the one below it is where `rollback` goes."""
+  """The versions `alias` went through, as a stack: a promote pushes, a rollback pops, a
+  remove empties it; the top is the current version and the one below it is where `rollback`
+  goes."""
   stack: list[int] = []
   for move in committed_moves(records, name, alias):
-    if move["kind"] == "rollback" and len(stack) >= 2 and stack[-2] == move["to"]:
+    if move["to"] is None:  # `remove` (the canary's end): no version to roll back to.
+      stack.clear()
+    elif move["kind"] == "rollback" and len(stack) >= 2 and stack[-2] == move["to"]:
       stack.pop()
     else:
       stack.append(move["to"])

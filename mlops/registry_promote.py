@@ -244,3 +244,63 @@ def rollback(
     reason=reason or f"rollback from {history[-1]}",
     kind="rollback",
   )
+
+
+def remove_alias(
+  mlflow_client,
+  name: str,
+  alias: str,
+  *,
+  model_config_file: str | None = None,
+  server: str | None = None,
+  reason: str = "",
+) -> dict | None:
+  """Removes `name@alias` and the file's / server's label `alias` in one audited transaction
+  (kind `remove`, `to` None; recovered like a move when interrupted). Returns the begin record,
+  or None when the alias names no version and the file has no such label (nothing to do)."""
+  check_alias(alias)
+  export_base = export_base_of(mlflow_client, name)
+  config_path = os.path.abspath(model_config_file) if model_config_file else None
+  with registry_audit.locked(export_base):
+    recover(mlflow_client, export_base)
+    old_text = registry_serving.read_text(config_path) if config_path else None
+    current = alias_version(mlflow_client, name, alias)
+    labelled = config_path and alias in registry_serving.labels(old_text, config_path, name)
+    if current is None and not labelled:
+      return None
+    new_text = None
+    if config_path:
+      new_text = registry_serving.with_label(old_text, config_path, name, export_base, alias, None)
+    begin = registry_audit.append(
+      export_base,
+      {
+        "event": "begin",
+        "txn": registry_audit.new_txn(),
+        "kind": "remove",
+        "name": name,
+        "alias": alias,
+        "from": current,
+        "to": None,
+        "gate": None,
+        "forced": False,
+        "reason": reason,
+        "model_config_file": config_path,
+        "old_config": old_text,
+        "new_config": new_text,
+        "server": server,
+      },
+    )
+    try:
+      with translate_errors(f"removing {name}@{alias}"):
+        if current is not None:
+          mlflow_client.delete_registered_model_alias(name, alias)
+      if config_path:
+        registry_serving.write_atomically(config_path, new_text)
+      if server and new_text:
+        registry_serving.reload_server(server, new_text, old_text, config_path, name, {})
+    except BaseException as e:
+      _restore(mlflow_client, begin)
+      registry_audit.append(export_base, {"event": "abort", "txn": begin["txn"], "error": str(e)})
+      raise
+    registry_audit.append(export_base, {"event": "commit", "txn": begin["txn"]})
+  return begin

@@ -9,11 +9,22 @@ r"""Rollout commands.
 clients call) and `<name>-routing.yaml` (Istio VirtualService, or Gateway API HTTPRoute +
 GRPCRoute). Apply with `kubectl apply -f DIR`. A mesh split is per request, not sticky.
 
-Exit status 0 with the files written, 1 with one `error: ...` line on bad input.
+  python -m mlops.rollout canary --name=digits --candidate=4 --logs=DIR \
+      --traffic_config_file=traffic.json --model_config_file=models.config [--server=HOST:PORT] \
+      [--step_weight=10 --max_weight=50 --interval_s=60 --threshold=5 --min_requests=100]
+
+`canary` runs the metric-driven canary controller (mlops/canary.py, Flagger's semantics): the
+canary label moves to the gated candidate, its split weight rises by --step_weight every
+interval while canary-vs-stable checks on that interval's prediction logs pass, and it is
+promoted (production moves) at --max_weight or rolled back at --threshold failed checks.
+
+Exit status 0 with the files written (`canary`: promoted), 2 when a canary was rolled back,
+1 with one `error: ...` line on bad input (nothing moved).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -91,9 +102,131 @@ def manifests_main(argv: list[str]) -> int:
   return 0
 
 
+def _canary_flags() -> flags.FlagValues:
+  from mlops.canary import CanarySpec
+  from mlops.canary_checks import Thresholds
+
+  fv = flags.FlagValues()
+  spec, t = CanarySpec("", 0), Thresholds()
+  flags.DEFINE_string("name", None, "Registered model name.", flag_values=fv)
+  flags.DEFINE_integer("candidate", None, "Registry version to canary (gated).", flag_values=fv)
+  flags.DEFINE_string("logs", None, "The server's prediction log directory.", flag_values=fv)
+  flags.DEFINE_string("traffic_config_file", None, "The server's traffic config.", flag_values=fv)
+  flags.DEFINE_string("model_config_file", None, "The server's model config.", flag_values=fv)
+  flags.DEFINE_string("server", None, "host:port to reload and wait for.", flag_values=fv)
+  flags.DEFINE_string("feedback", None, "Labels CSV/JSONL (request_id,label).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Report directory; default LOGS/canary.", flag_values=fv)
+  integers = {
+    "step_weight": (spec.step_weight, "Percent added to the canary per passing interval."),
+    "max_weight": (spec.max_weight, "Percent at which a passing interval promotes."),
+    "threshold": (spec.threshold, "Failed checks that roll back."),
+    "min_requests": (t.min_requests, "Fewer requests per arm per interval fail the check."),
+    "min_labels": (t.min_labels, "Labelled rows per arm needed to judge accuracy."),
+  }
+  for name, (default, help_text) in integers.items():
+    flags.DEFINE_integer(name, default, help_text, flag_values=fv)
+  flags.DEFINE_integer("max_intervals", None, "Stop (roll back) after this many.", flag_values=fv)
+  floats = {
+    "interval_s": (spec.interval_s, "Seconds per interval (fractions allowed)."),
+    "settle_s": (spec.settle_s, "Seconds between weight 0 and removing the label."),
+    "max_error_rate_increase": (t.max_error_rate_increase, "Canary minus stable error rate."),
+    "max_latency_ratio": (t.max_latency_ratio, "Canary p99 / stable p99."),
+    "max_divergence": (t.max_divergence, "Jensen-Shannon distance of predicted classes."),
+    "divergence_alpha": (t.divergence_alpha, "G-test level the divergence must also pass."),
+    "max_accuracy_drop": (t.max_accuracy_drop, "Stable minus canary labelled accuracy."),
+  }
+  for name, (default, help_text) in floats.items():
+    flags.DEFINE_float(name, default, help_text, flag_values=fv)
+  flags.DEFINE_string("stable_label", spec.stable_label, "Label of the stable arm.", flag_values=fv)
+  flags.DEFINE_string("split_key", spec.split_key, "Header the split hashes.", flag_values=fv)
+  return fv
+
+
+def _canary_spec(fv: flags.FlagValues):
+  from mlops.canary import CanaryError, CanarySpec
+  from mlops.canary_checks import Thresholds
+
+  missing = [f"--{n}" for n in ("name", "candidate", "logs") if getattr(fv, n) is None]
+  missing += [f"--{n}" for n in ("traffic_config_file", "model_config_file") if not getattr(fv, n)]
+  if missing:
+    raise CanaryError(f"{', '.join(missing)} required (see --helpfull)")
+  names = [f.name for f in dataclasses.fields(Thresholds)]
+  spec = CanarySpec(
+    name=fv.name,
+    candidate=fv.candidate,
+    **{k: getattr(fv, k) for k in ("step_weight", "max_weight", "interval_s", "threshold")},
+    max_intervals=fv.max_intervals,
+    stable_label=fv.stable_label,
+    split_key=fv.split_key,
+    settle_s=fv.settle_s,
+    thresholds=Thresholds(**{k: getattr(fv, k) for k in names}),
+  )
+  spec.validate()
+  if not os.path.isdir(fv.logs):
+    raise CanaryError(f"--logs={fv.logs} is not a directory; give the server's prediction log dir")
+  if fv.feedback and not os.path.isfile(fv.feedback):
+    raise CanaryError(f"--feedback={fv.feedback} is not a file")
+  return spec
+
+
+def canary_main(argv: list[str]) -> int:
+  """`rollout canary`: 0 promoted, 2 rolled back; raises CanaryError and friends on bad input."""
+  from mlops import canary, canary_registry, canary_report, canary_traffic, registry_store
+
+  fv = _canary_flags()
+  rest = fv(argv)
+  if len(rest) > 1:
+    raise canary.CanaryError(f"unexpected arguments: {rest[1:]}")
+  spec = _canary_spec(fv)
+  canary_traffic.read(fv.traffic_config_file)
+  rollout = canary_registry.RegistryRollout(
+    registry_store.client(), spec, fv.model_config_file, fv.server
+  )
+  stable = rollout.preflight()
+  out = fv.out or os.path.join(fv.logs, "canary")
+
+  def on_update(outcome) -> None:
+    canary_report.write(outcome, out)
+    if outcome.intervals and outcome.result == "running":
+      last = outcome.intervals[-1]
+      failed = [c["name"] for c in last.checks if c["verdict"] == "fail"]
+      print(
+        f"interval {last.number}: weight {last.weight}% {'passed' if last.passed else 'failed'}"
+        + (f" ({', '.join(failed)})" if failed else "")
+        + f" -> {last.action} to {last.next_weight}%",
+        flush=True,
+      )
+
+  controller = canary.Controller(
+    spec,
+    rollout,
+    fv.traffic_config_file,
+    canary.log_measure(fv.logs, spec, fv.feedback),
+    on_update=on_update,
+  )
+  outcome = controller.run()
+  print(
+    f"{spec.name} version {spec.candidate} (stable {stable}): {outcome.result.replace('_', ' ')} "
+    f"after {len(outcome.intervals)} intervals ({outcome.reason}); report {out}/canary.md"
+  )
+  return 0 if outcome.result == "promoted" else 2
+
+
 # Subcommand -> handler(argv without the subcommand's name removed; argv[0] is "rollout <cmd>").
-# The `canary` controller (issue 13, section 4) registers here when it is built.
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"manifests": manifests_main}
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+  "manifests": manifests_main,
+  "canary": canary_main,
+}
+
+
+def _canary_errors() -> tuple[type[Exception], ...]:
+  """Bad-input errors of the canary's layers (one `error:` line each)."""
+  from mlops.canary import CanaryError
+  from mlops.canary_traffic import TrafficFileError
+  from mlops.prediction_log import LogError
+  from mlops.registry_store import RegistryError
+
+  return (CanaryError, TrafficFileError, LogError, RegistryError, TimeoutError)
 
 
 def main(argv: list[str]) -> int:
@@ -101,15 +234,18 @@ def main(argv: list[str]) -> int:
   try:
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
       given = argv[1] if len(argv) > 1 else "(none)"
-      raise ManifestError(
-        f"subcommand {given} is unknown; choose from {', '.join(SUBCOMMANDS)} "
-        "(`canary` is not built yet)"
-      )
+      raise ManifestError(f"subcommand {given} is unknown; choose from {', '.join(SUBCOMMANDS)}")
     return SUBCOMMANDS[argv[1]]([f"{argv[0]} {argv[1]}", *argv[2:]])
-  except (ManifestError, flags.Error) as e:
+  except (ManifestError, flags.Error, *_canary_errors()) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 
 
 if __name__ == "__main__":
+  if sys.argv[1:2] == ["canary"]:  # The canary reads TF Serving's protos: quiet TF's start-up.
+    from serving import native_logs
+    from trainer import log_filter
+
+    native_logs.quiet_native_logs(sys.argv, import_tensorflow=False)
+    log_filter.quiet_library_info_logs()
   sys.exit(main(sys.argv))

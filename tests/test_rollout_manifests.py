@@ -144,7 +144,7 @@ def test_bad_options_are_one_error_line_and_write_nothing(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (flags, err)
   for argv, message in (
     (["rollout", "manifests", "--name=Digits_1", "--stable=3", f"--out={tmp_path}/o"], "--name"),
-    (["rollout", "canary", "--name=digits"], "`canary` is not built yet"),
+    (["rollout", "canary", "--name=digits"], "--candidate, --logs, --traffic_config_file"),
     (["rollout"], "subcommand (none) is unknown"),
   ):
     assert rollout.main(argv) == 1

@@ -1,0 +1,83 @@
+"""The canary's writes to the model server's traffic config (`--traffic_config_file`, format in
+serving/server/traffic.py): the split of one model between the stable and the canary label.
+
+Only that model's `split` changes; other models' entries, the model's `mirror`, and the split's
+`key` and `seed` are kept. The file is replaced whole (temp file + rename), so the server, which
+re-reads it when its text changes, sees the old policy or the new one, never half a file.
+Weight 0 is written as the stable label alone at 100: once the canary label is removed from the
+model config, a file still naming it would be refused by a server (re)starting on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+class TrafficFileError(ValueError):
+  """A traffic config file that cannot be read or updated; the message names it and the fix."""
+
+
+def read(path: str) -> dict:
+  """The file's JSON ({"models": {}} when it does not exist). Raises TrafficFileError."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return {"models": {}}
+  except OSError as e:
+    raise TrafficFileError(f"cannot read --traffic_config_file={path}: {e.strerror}") from e
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise TrafficFileError(
+      f"--traffic_config_file={path} is not JSON ({e}); fix it or remove it"
+    ) from e
+  if not isinstance(config, dict) or not isinstance(config.get("models", {}), dict):
+    raise TrafficFileError(f'--traffic_config_file={path}: needs {{"models": {{...}}}}')
+  config.setdefault("models", {})
+  return config
+
+
+def with_weight(config: dict, name: str, stable: str, canary: str, weight: int, key: str) -> dict:
+  """A copy of `config` where model `name` splits `100 - weight` to `stable` and `weight` to
+  `canary` (listed last, so raising its weight moves only keys from stable to canary)."""
+  models = dict(config.get("models", {}))
+  entry = dict(models.get(name, {}))
+  split = dict(entry.get("split", {}))
+  split.setdefault("key", key)
+  if weight > 0:
+    split["arms"] = [
+      {"label": stable, "weight": 100 - weight},
+      {"label": canary, "weight": weight},
+    ]
+  else:
+    split["arms"] = [{"label": stable, "weight": 100}]
+  entry["split"] = split
+  models[name] = entry
+  return {**config, "models": models}
+
+
+def write(path: str, config: dict) -> None:
+  """Replaces the file by `config` atomically (temp file in the same directory + rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".traffic-", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(config, f, indent=1, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def canary_weight(config: dict, name: str, canary: str) -> int:
+  """The canary label's weight in `name`'s split (0 when absent)."""
+  arms = config.get("models", {}).get(name, {}).get("split", {}).get("arms", [])
+  return next((int(a["weight"]) for a in arms if a.get("label") == canary), 0)
