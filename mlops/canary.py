@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -262,13 +263,16 @@ def log_measure(
   feedback: str | None = None,
 ) -> Measure:
   """The measure of a real canary: the window's records from the prediction logs, joined with
-  the feedback file (re-read every interval, as labels keep arriving) when one is given."""
-  from mlops import prediction_log
+  the feedback labels (re-read every interval, as labels keep arriving): `feedback`, else the
+  server's `feedback.jsonl` in `logs_dir` when it exists."""
+  from mlops import feedback as feedback_files
+  from serving.server.log_format import FEEDBACK_FILE
 
   def measure(start: float, end: float) -> list[dict]:
     arms = (spec.canary_label, spec.stable_label)
     window = canary_checks.read_window(logs_dir, spec.name, arms, int(start * 1e6), int(end * 1e6))
-    labels = prediction_log.read_feedback(feedback) if feedback else None
+    path = feedback or os.path.join(logs_dir, FEEDBACK_FILE)
+    labels = feedback_files.read_feedback(path) if os.path.isfile(path) else None
     return canary_checks.judge(
       window[spec.canary_label], window[spec.stable_label], spec.thresholds, labels
     )

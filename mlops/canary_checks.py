@@ -81,7 +81,11 @@ def read_window(
       f"--logs={logs_dir} is not a directory; give the prediction log directory"
     )
   window = {arm: ArmWindow() for arm in arms}
-  names = sorted(n for n in os.listdir(logs_dir) if not n.startswith("."))
+  names = sorted(
+    n
+    for n in os.listdir(logs_dir)
+    if not n.startswith(".") and not n.endswith(prediction_log.NOT_LOG_SUFFIXES)
+  )
   for name in names:
     path = os.path.join(logs_dir, name)
     if not os.path.isfile(path) or os.path.getmtime(path) * 1e6 < start_us:

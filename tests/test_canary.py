@@ -140,6 +140,22 @@ def test_accuracy_is_judged_on_feedback_labels(tmp_path):
   assert _judge(tmp_path, GOOD, labels=good)["accuracy"]["verdict"] == "pass"
 
 
+def test_the_measure_reads_the_servers_feedback_file_beside_the_logs(tmp_path):
+  logs = tmp_path / "logs"
+  _write(logs, "a.tfrecord", _records("production", T0, 10) + _records("canary", T0, 10))
+  spec = canary.CanarySpec("digits", 2)
+  measure = canary.log_measure(str(logs), spec)
+  assert {c["name"]: c["verdict"] for c in measure(T0, T0 + 10)}["accuracy"] == "skipped"
+  with open(logs / "feedback.jsonl", "w") as f:  # what POST /v1/models/digits/feedback appends
+    for arm, shift in (("production", 0), ("canary", 3)):
+      for i in range(200):
+        label = (_spread(i) + shift) % 10
+        f.write(json.dumps({"request_id": f"r-{arm}-{T0}-{i}", "label": label}) + "\n")
+  checks = {c["name"]: c for c in measure(T0, T0 + 10)}
+  assert checks["requests"]["measured"] == 200  # the JSONL file is not read as a log
+  assert checks["accuracy"]["verdict"] == "fail" and checks["accuracy"]["measured"] == -1.0
+
+
 def test_same_distribution_samples_do_not_diverge():
   """Chance differences between two samples of one class distribution (100 vs 900 rows, where
   the Jensen-Shannon distance alone is ~0.13) never fail the divergence check."""
