@@ -65,12 +65,7 @@ def prepare(
   are added. Raises DataError (or prediction_log.LogError) for unusable inputs."""
   if data is None:
     return TrainingData([], 0)
-  data = os.path.abspath(data)
-  paths = {
-    field: os.path.join(data, file)
-    for field, file in SPLIT_FILES.items()
-    if os.path.isfile(os.path.join(data, file))
-  }
+  paths = split_paths(data)
   rows = 0
   if feedback_logs is not None:
     inputs, labels = labelled_rows(feedback_logs, feedback, model_name)
@@ -90,8 +85,22 @@ def prepare(
       labels=labels.astype(np.int32),
     )
     paths["train_path"] = os.path.join(out_dir, "train-*.npz")
-  overrides = ["--config.data.name=npz"] + [f"--config.data.{k}={v}" for k, v in paths.items()]
-  return TrainingData(overrides, rows)
+  return TrainingData(file_overrides(paths), rows)
+
+
+def split_paths(data: str) -> dict[str, str]:
+  """{config.data field: file} of the splits `--data=DIR` holds."""
+  data = os.path.abspath(data)
+  return {
+    field: os.path.join(data, file)
+    for field, file in SPLIT_FILES.items()
+    if os.path.isfile(os.path.join(data, file))
+  }
+
+
+def file_overrides(paths: dict[str, str]) -> list[str]:
+  """The trainer's --config.data.* flags that read `paths` as .npz splits."""
+  return ["--config.data.name=npz"] + [f"--config.data.{k}={v}" for k, v in paths.items()]
 
 
 def labelled_rows(logs_dir: str, feedback: str, model_name: str) -> tuple[np.ndarray, np.ndarray]:

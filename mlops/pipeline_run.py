@@ -81,6 +81,23 @@ def check_options(options: RunOptions) -> None:
     pipeline_data.check_inputs(options.data, options.include_feedback_logs, options.feedback)
   except pipeline_data.DataError as e:
     raise PipelineError(str(e)) from e
+  check_config(options)
+
+
+def check_config(options: RunOptions) -> None:
+  """Loads the config with the run's overrides and validates it as the trainer will (no JAX,
+  nothing written), so a misspelled field fails before a pipeline run is recorded. Raises
+  ConfigError."""
+  from configs import schema
+  from trainer import config_loading
+
+  overrides = list(options.config_overrides)
+  if options.data is not None:
+    overrides = pipeline_data.file_overrides(pipeline_data.split_paths(options.data)) + overrides
+  _, overrides = config_loading.split_overrides(["pipeline", *overrides])
+  config = config_loading.load_config(options.config)
+  config_loading.apply_overrides(config, overrides)
+  schema.validate(config)
 
 
 def run_pipeline(options: RunOptions, client=None) -> PipelineResult:

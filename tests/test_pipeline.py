@@ -201,6 +201,9 @@ def test_bad_input_is_one_error_line(tmp_path):
     _cli("run", config, "--name=x", root, f"--include_feedback_logs={tmp_path}", "--feedback=f"),
     "needs --data",
   )
+  _one_error_line(
+    _cli("run", config, "--name=x", root, "--config.train.num_stepz=3"), "num_stepz", "num_steps"
+  )
   # A pipeline started while one runs (this test process holds the lock): nothing trained.
   with pipeline_guards.PipelineLock(os.path.join(str(tmp_path), "pipeline.lock")):
     done = _cli("run", config, "--name=x", root)
