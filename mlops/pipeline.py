@@ -3,15 +3,16 @@ the watcher that starts it on a monitor alert, behind guards.
 
   python -m mlops.pipeline run --config=configs/digits_cnn.py --name=digits \
       [--data=DIR [--include_feedback_logs=LOGS --feedback=FILE]] [--gate=configs/gates/x.py] \
-      [--promote=direct] [--model_config_file=runs/models/models.config] [--server=HOST:PORT] \
+      [--promote=direct | --promote=canary --canary_logs=LOGS --traffic_config_file=FILE \
+       --server=HOST:PORT [--canary_flag=--step_weight=20 ...]] [--model_config_file=runs/models/models.config] [--server=HOST:PORT] \
       [--root=runs/pipeline] [--config.train.num_steps=...]
   python -m mlops.pipeline watch --config=configs/digits_cnn.py --name=digits --logs=LOGS \
       --every_s=300 [--feedback=FILE] [--persistence_windows=2] [--cooldown_s=3600] \
       [--min_new_labels=100] [--max_retrains_per_day=3] [--max_iterations=N] [run's flags]
 
 `run` exits 0 when the candidate was promoted, 2 when it failed its gate (rejected: registered
-with its gate record, `production` unchanged), 1 for bad input or a failed step (one `error:`
-line). Every run is an MLflow run in the experiment `pipeline/<name>` (mlops/pipeline_record.py).
+with its gate record, `production` unchanged) or its canary rolled back (--promote=canary), 1 for
+bad input or a failed step (one `error:` line). Every run is an MLflow run in the experiment `pipeline/<name>` (mlops/pipeline_record.py).
 `watch` guards (mlops/pipeline_guards.py): an alert persisting K windows, a cooldown, new
 labelled rows, a daily cap, one pipeline at a time, no retrain on the same data after a
 rejected candidate.
@@ -43,7 +44,19 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--export_base", help="Version directories (default: the model's own).")
     sub.add_argument("--data", help="Directory with train.npz, validation.npz[, test.npz].")
     sub.add_argument("--gate", help="Gate config (default: configs/gates/<kind>.py).")
-    sub.add_argument("--promote", default="direct", help="direct (canary: not built yet).")
+    sub.add_argument(
+      "--promote",
+      default="direct",
+      help="direct: production moves when the gate passes; canary: python -m mlops.rollout canary.",
+    )
+    sub.add_argument("--canary_logs", help="--promote=canary: the live server's log directory.")
+    sub.add_argument("--traffic_config_file", help="--promote=canary: the server's traffic file.")
+    sub.add_argument(
+      "--canary_flag",
+      action="append",
+      default=[],
+      help="--promote=canary: a flag for mlops.rollout canary, e.g. --canary_flag=--step_weight=20.",
+    )
     sub.add_argument("--model_config_file", help="TF Serving model config whose label moves.")
     sub.add_argument("--server", help="host:port of a model server to reload on promote.")
     sub.add_argument(
@@ -93,6 +106,9 @@ def run_options(args: argparse.Namespace, overrides: list[str]) -> pipeline_run.
     model_config_file=args.model_config_file,
     server=args.server,
     config_overrides=tuple(overrides),
+    canary_logs=args.canary_logs or (args.logs if args.command == "watch" else None),
+    traffic_config_file=args.traffic_config_file,
+    canary_flags=tuple(args.canary_flag),
     trigger={"kind": getattr(args, "trigger", "watch")},
   )
 

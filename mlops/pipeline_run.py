@@ -4,12 +4,14 @@ at a time.
 Training runs in a fresh process (`python -m trainer.main`: its own JAX runtime and flags, and
 a crash there cannot take the pipeline's record with it); register, validate and promote are
 the registry's library functions called in-process. The promotion policy is `direct` (point
-`production` at a candidate that passed the gate); `canary` is the name kept for the canary
-controller, which does not exist yet, and is refused before anything runs.
+`production` at a candidate that passed the gate) or `canary`: the canary controller
+(`python -m mlops.rollout canary`, mlops/canary*.py) in its own process (it runs for many
+intervals, handles its own signals and rolls back when stopped), against the live server.
 
 Outcomes: `promoted` (exit 0); `rejected`: the candidate failed its gate, stays registered with
-its gate record, and `production` does not move (exit 2); `failed`: a step raised (exit 1 with
-the step's error). Every run, whatever its outcome, is recorded (pipeline_record.py).
+its gate record, and `production` does not move (exit 2); `rolled_back`: the canary failed its
+checks and was rolled back (exit 2); `failed`: a step raised (exit 1 with the step's error).
+Every run, whatever its outcome, is recorded (pipeline_record.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class RunOptions:
   model_config_file: str | None = None
   server: str | None = None
   config_overrides: tuple[str, ...] = ()
+  # --promote=canary: the server's prediction logs and traffic config, and extra flags for
+  # `python -m mlops.rollout canary` (e.g. --step_weight=20).
+  canary_logs: str | None = None
+  traffic_config_file: str | None = None
+  canary_flags: tuple[str, ...] = ()
   trigger: dict = dataclasses.field(default_factory=lambda: {"kind": "manual"})
 
   def lock_path(self) -> str:
@@ -66,12 +73,9 @@ def check_options(options: RunOptions) -> None:
   """Raises PipelineError for input that needs no lock to judge: the promotion policy, the
   config file, the data flags."""
   if options.promote not in PROMOTE_POLICIES:
-    raise PipelineError(f"--promote={options.promote}: choose direct (or canary, once it exists)")
+    raise PipelineError(f"--promote={options.promote}: choose {' or '.join(PROMOTE_POLICIES)}")
   if options.promote == "canary":
-    raise PipelineError(
-      "--promote=canary: the canary controller (issue 13, section 4) is not built yet; use "
-      "--promote=direct (production moves when the gate passes)"
-    )
+    check_canary_options(options)
   config_file = options.config.split(":", 1)[0]
   if not os.path.isfile(config_file):
     raise PipelineError(f"--config={options.config}: {config_file} is not a file")
@@ -82,6 +86,62 @@ def check_options(options: RunOptions) -> None:
   except pipeline_data.DataError as e:
     raise PipelineError(str(e)) from e
   check_config(options)
+
+
+def check_canary_options(options: RunOptions) -> None:
+  """Raises PipelineError when --promote=canary lacks what the controller needs (it checks the
+  rest itself, before moving anything)."""
+  needed = {
+    "--canary_logs": options.canary_logs,
+    "--traffic_config_file": options.traffic_config_file,
+    "--model_config_file": options.model_config_file,
+    "--server": options.server,
+  }
+  missing = [flag for flag, value in needed.items() if not value]
+  if missing:
+    raise PipelineError(
+      f"--promote=canary needs {', '.join(missing)} (the live server's logs, traffic config, "
+      "model config and address), or use --promote=direct"
+    )
+  if not os.path.isdir(options.canary_logs):
+    raise PipelineError(f"--canary_logs={options.canary_logs} is not a directory of logs")
+  if not os.path.isfile(options.traffic_config_file):
+    raise PipelineError(f"--traffic_config_file={options.traffic_config_file} is not a file")
+
+
+def canary_command(options: RunOptions, version: int, out: str) -> list[str]:
+  """The controller's command line for candidate `version` (reports into `out`)."""
+  command = [
+    sys.executable, "-m", "mlops.rollout", "canary",
+    f"--name={options.name}",
+    f"--candidate={version}",
+    f"--logs={options.canary_logs}",
+    f"--traffic_config_file={options.traffic_config_file}",
+    f"--model_config_file={options.model_config_file}",
+    f"--server={options.server}",
+    f"--out={out}",
+  ]  # fmt: skip
+  if options.feedback:
+    command.append(f"--feedback={options.feedback}")
+  return command + list(options.canary_flags)
+
+
+def run_canary(options: RunOptions, version: int, out: str) -> tuple[str, str]:
+  """(outcome, message): `promoted` when the controller promoted the candidate (exit 0),
+  `rolled_back` when it rolled it back (exit 2). Raises PipelineError with its error line for
+  anything else."""
+  command = canary_command(options, version, out)
+  logging.info("Canary: %s", " ".join(command))
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = [line for line in done.stdout.splitlines() if line.strip()]
+  summary = lines[-1] if lines else ""
+  if done.returncode == 0:
+    return "promoted", summary
+  if done.returncode == 2:
+    return "rolled_back", summary
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+  why = errors[-1].removeprefix("error: ") if errors else f"exit {done.returncode}"
+  raise PipelineError(f"the canary failed: {why}")
 
 
 def check_config(options: RunOptions) -> None:
@@ -194,6 +254,17 @@ def _steps(options, client, recorder, run_dir) -> tuple[str, int | None, str]:
       ),
     )
   start = time.perf_counter()
+  if options.promote == "canary":
+    outcome, summary = run_canary(options, version, os.path.join(run_dir, "canary"))
+    recorder.step(
+      "promote",
+      "ok" if outcome == "promoted" else outcome,
+      time.perf_counter() - start,
+      policy="canary",
+      canary=summary,
+      canary_report=os.path.join(run_dir, "canary", "canary.md"),
+    )
+    return outcome, version, summary
   begin = registry_promote.promote(
     client,
     options.name,

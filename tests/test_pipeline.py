@@ -187,7 +187,8 @@ def test_bad_input_is_one_error_line(tmp_path):
   config = "--config=configs/digits_cnn.py:smoke"
   root = f"--root={tmp_path}"
   _one_error_line(
-    _cli("run", config, "--name=x", root, "--promote=canary"), "--promote=canary", "not built yet"
+    _cli("run", config, "--name=x", root, "--promote=canary", f"--canary_logs={tmp_path}"),
+    "--promote=canary needs --traffic_config_file, --model_config_file, --server",
   )
   _one_error_line(
     _cli("watch", config, "--name=x", root, "--logs=/nonexistent/logs", "--every_s=60"),
@@ -313,10 +314,55 @@ def _watch_sees_drift_through_the_real_monitor(tmp_path, name, run_options):
   assert len(triggers) == 1 and "drift" in triggers[0]["alerts"]
 
 
+def test_promote_canary_runs_the_controller_and_maps_its_exit_status(tmp_path, monkeypatch):
+  from mlops import rollout
+
+  traffic = tmp_path / "traffic.json"
+  traffic.write_text("{}")
+  options = pipeline_run.RunOptions(
+    config="c.py",
+    name="digits",
+    promote="canary",
+    canary_logs=str(tmp_path),
+    traffic_config_file=str(traffic),
+    model_config_file="m.config",
+    server="127.0.0.1:8500",
+    feedback="fb.csv",
+    canary_flags=("--step_weight=25",),
+  )
+  pipeline_run.check_canary_options(options)
+  command = pipeline_run.canary_command(options, 4, str(tmp_path / "out"))
+  assert command[1:4] == ["-m", "mlops.rollout", "canary"]
+  flags = rollout._canary_flags()  # The controller's own flag definitions parse the command.
+  flags(["rollout canary", *command[4:]])
+  assert (flags.name, flags.candidate, flags.step_weight, flags.feedback) == (
+    "digits",
+    4,
+    25,
+    "fb.csv",
+  )
+  answers = {
+    0: ("digits version 4 (stable 3): promoted after 5 intervals", ""),
+    2: ("digits version 4 (stable 3): rolled back after 5 intervals", ""),
+    1: ("", "error: --logs=x is not a directory"),
+  }
+  for code, (out, err) in answers.items():
+    done = subprocess.CompletedProcess(command, code, out, err)
+    monkeypatch.setattr(pipeline_run.subprocess, "run", lambda *a, d=done, **k: d)
+    if code == 1:
+      with pytest.raises(pipeline_run.PipelineError, match="the canary failed: --logs=x"):
+        pipeline_run.run_canary(options, 4, str(tmp_path / "out"))
+    else:
+      outcome, summary = pipeline_run.run_canary(options, 4, str(tmp_path / "out"))
+      assert (outcome, summary) == (["promoted", "", "rolled_back"][code], out)
+  rolled = pipeline_guards.record_outcome(State(), _seen([ALERT], 40), 0, "rolled_back")
+  assert rolled.blocked_at_labels == 40  # A rolled-back canary is not retrained on the same data.
+
+
 def test_run_exit_codes(monkeypatch, capsys):
   from mlops import pipeline
 
-  for outcome, code in (("promoted", 0), ("rejected", 2), ("failed", 1)):
+  for outcome, code in (("promoted", 0), ("rejected", 2), ("rolled_back", 2), ("failed", 1)):
     result = pipeline_run.PipelineResult(outcome, 2, "id", "p.json", f"it {outcome}")
     monkeypatch.setattr(pipeline_run, "run_pipeline", lambda _, r=result: r)
     assert pipeline._run(pipeline_run.RunOptions(config="c.py", name="d")) == code
