@@ -157,7 +157,11 @@ class Controller:
     """Runs the canary to promotion or rollback. Raises what a step raised, after rolling back
     (the registry's own moves restore their old state when they fail)."""
     spec = self.spec
-    canary_traffic.read(self.traffic_file)  # A broken file fails before anything moves.
+    # A broken file, or one splitting the model over other arms, fails before anything moves.
+    config = canary_traffic.read(self.traffic_file)
+    canary_traffic.check_free(
+      config, self.traffic_file, spec.name, spec.stable_label, spec.canary_label
+    )
     # Pin unlabelled requests to stable before the candidate loads: without a split the server
     # answers them with the newest version, which the canary label is about to load.
     self._set_weight(0)

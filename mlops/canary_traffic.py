@@ -40,6 +40,18 @@ def read(path: str) -> dict:
   return config
 
 
+def check_free(config: dict, path: str, name: str, stable: str, canary: str) -> None:
+  """Raises TrafficFileError when `name`'s split has arms other than `stable` and `canary` (an
+  A/B test the canary would silently end)."""
+  arms = config["models"].get(name, {}).get("split", {}).get("arms", [])
+  others = sorted({a.get("label") for a in arms if isinstance(a, dict)} - {stable, canary})
+  if others:
+    raise TrafficFileError(
+      f"--traffic_config_file={path} splits {name} over {others} too; end that split (an A/B "
+      f"test?) before a canary, which routes only {stable} and {canary}"
+    )
+
+
 def with_weight(config: dict, name: str, stable: str, canary: str, weight: int, key: str) -> dict:
   """A copy of `config` where model `name` splits `100 - weight` to `stable` and `weight` to
   `canary` (listed last, so raising its weight moves only keys from stable to canary)."""

@@ -308,6 +308,15 @@ def test_an_undecided_or_interrupted_canary_is_rolled_back(tmp_path):
     raise KeyboardInterrupt
 
   clock = FakeClock()
+  arms = [{"label": "production", "weight": 50}, {"label": "b", "weight": 50}]
+  traffic.write_text(json.dumps({"models": {"digits": {"split": {"arms": arms}}}}))
+  ab_test = traffic.read_text()
+  spec = canary.CanarySpec("digits", 2)
+  controller = canary.Controller(spec, fake, str(traffic), broken_measure, clock=clock)
+  with pytest.raises(canary_traffic.TrafficFileError, match=r"over \['b'\] too"):
+    controller.run()
+  assert fake.calls == [] and traffic.read_text() == ab_test  # an A/B test is never overwritten
+  traffic.unlink()
   controller = canary.Controller(
     canary.CanarySpec("digits", 2),
     fake,
