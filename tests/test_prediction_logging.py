@@ -156,57 +156,6 @@ def test_a_full_queue_drops_and_counts(tmp_path):
   assert prediction_log.read_logs(str(tmp_path)).num_records == accepted
 
 
-def _tf_readable(path: str) -> int:
-  """Records TensorFlow's own reader (which checks every CRC) reads before a torn tail."""
-  count = 0
-  try:
-    for _ in tf.data.TFRecordDataset(path):
-      count += 1
-  except tf.errors.DataLossError:
-    pass
-  return count
-
-
-def test_sigkill_under_load_leaves_every_complete_record(digits, tmp_path_factory):
-  server, logs = _logging_server(tmp_path_factory, digits, "sigkill")
-  sent: set[str] = set()
-  stop = threading.Event()
-  with server:
-    pixels = model_server.digits_pixels(8)
-
-    def load(worker: int):
-      for i in range(100_000):
-        if stop.is_set():
-          return
-        request_id = f"k{worker}-{i}"
-        sent.add(request_id)
-        try:
-          server.predict_stub.Predict(
-            predict_request(pixels), metadata=[("x-request-id", request_id)], timeout=10
-          )
-        except grpc.RpcError:
-          return  # The server is gone.
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
-    for thread in threads:
-      thread.start()
-    try:
-      _wait_logs(logs, 50)
-      time.sleep(0.5)
-      server.proc.kill()  # SIGKILL, while requests are still being logged.
-      server.proc.wait(timeout=30)
-    finally:
-      stop.set()
-      for thread in threads:
-        thread.join(timeout=30)
-  read = prediction_log.read_logs(logs)
-  files = prediction_log.log_files(logs)
-  assert read.num_records == sum(_tf_readable(f) for f in files) >= 50
-  assert read.torn_records <= len(files)
-  assert set(read.request_id) <= sent
-  assert len(set(read.request_id)) == read.num_records - sum(read.error_records.values())
-
-
 def _post(server, path: str, body: bytes):
   request = urllib.request.Request(server.url + path, body, method="POST")
   try:
@@ -290,3 +239,58 @@ def test_feedback_import_cli(tmp_path):
     refused.stderr.strip().splitlines()[-1].startswith("error: ") and "entry 2" in refused.stderr
   )
   assert feedback.read_feedback(str(logs / "feedback.jsonl")) == {("a", 0): 1, ("b", 0): 2}
+
+
+def _tf_readable(path: str) -> int:
+  """Records TensorFlow's own reader (which checks every CRC) reads before a torn tail."""
+  count = 0
+  try:
+    for _ in tf.data.TFRecordDataset(path):
+      count += 1
+  except tf.errors.DataLossError:
+    pass
+  return count
+
+
+def test_sigkill_under_load_leaves_every_complete_record(served):
+  """The module's last test: it kills the module's server."""
+  server, logs = served
+  before = _wait_logs(logs, 1).num_records
+  sent: set[str] = set()
+  stop = threading.Event()
+  pixels = model_server.digits_pixels(8)
+
+  def load(worker: int):
+    for i in range(100_000):
+      if stop.is_set():
+        return
+      request_id = f"k{worker}-{i}"
+      sent.add(request_id)
+      try:
+        server.predict_stub.Predict(
+          predict_request(pixels), metadata=[("x-request-id", request_id)], timeout=10
+        )
+      except grpc.RpcError:
+        return  # The server is gone.
+
+  threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+  for thread in threads:
+    thread.start()
+  try:
+    _wait_logs(logs, before + 50)
+    time.sleep(0.5)
+    server.proc.kill()  # SIGKILL, while requests are still being logged.
+    server.proc.wait(timeout=30)
+  finally:
+    stop.set()
+    for thread in threads:
+      thread.join(timeout=30)
+  read = prediction_log.read_logs(logs)
+  files = prediction_log.log_files(logs)
+  assert read.num_records == sum(_tf_readable(f) for f in files) >= before + 50
+  assert read.torn_records <= len(files)
+  under_load = {i for i in read.request_id if i.startswith("k")}
+  assert len(under_load) >= 50 and under_load <= sent
+  # Every record parsed: the OK ones all have rows, one request id per record.
+  ok_records = read.num_records - sum(read.error_records.values())
+  assert len(set(zip(read.request_id, read.time_us, strict=True))) == ok_records

@@ -77,21 +77,24 @@ def make_record(
 ) -> bytes:
   """One serialized PredictionLog in the format of mlops/prediction_log.py. `asked`: the
   client's (version, label) for the request's model_spec; None: the label that routed it."""
-  from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+  from tensorflow_serving.apis import prediction_log_pb2
 
-  spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
-  if meta.version:
-    spec.version.value = meta.version
-  request_spec = model_pb2.ModelSpec(name=meta.model_name, signature_name=signature_name)
+  # Built in place (no message copies): the writer thread encodes every logged request.
+  log = prediction_log_pb2.PredictionLog()
+  request, response = log.predict_log.request, log.predict_log.response
+  for spec in (response.model_spec, log.log_metadata.model_spec):
+    spec.name, spec.signature_name = meta.model_name, signature_name
+    if meta.version:
+      spec.version.value = meta.version
+  request_spec = request.model_spec
+  request_spec.name, request_spec.signature_name = meta.model_name, signature_name
   asked_version, asked_label = asked if asked is not None else (None, meta.version_label)
   if asked_version is not None:
     request_spec.version.value = asked_version
   elif asked_label:
     request_spec.version_label = asked_label
-  request = predict_pb2.PredictRequest(model_spec=request_spec)
   for name, value in inputs.items():
     tensors.fill_tensor_proto(request.inputs[name], np.asarray(value))
-  response = predict_pb2.PredictResponse(model_spec=spec)
   for name, value in outputs.items():
     tensors.fill_tensor_proto(response.outputs[name], np.asarray(value))
   extra = {
@@ -107,9 +110,5 @@ def make_record(
   metadata_tensor = response.outputs[METADATA_KEY]
   metadata_tensor.dtype = 7  # DT_STRING
   metadata_tensor.string_val.append(json.dumps(extra).encode())
-  log = prediction_log_pb2.PredictionLog(
-    predict_log=prediction_log_pb2.PredictLog(request=request, response=response)
-  )
-  log.log_metadata.model_spec.CopyFrom(spec)
   log.log_metadata.timestamp_secs = meta.time_us // 1_000_000
   return log.SerializeToString()
