@@ -112,11 +112,13 @@ def served(digits, tmp_path_factory):
     f"--model_config_file={config}",
     f"--traffic_config_file={traffic_file}",
     "--traffic_config_file_poll_wait_seconds=0.1",
+    "--model_config_file_poll_wait_seconds=1",
     "--shadow_workers=1",
     "--shadow_queue_size=4",
   ]
   with model_server.Server(args, str(root / "server.log"), base=str(base)) as server:
     server.traffic_file = traffic_file
+    server.model_config = config
     server.logs = str(logs)
     yield server
 
@@ -176,6 +178,23 @@ def test_bad_files_are_refused_and_the_previous_policy_stays(served):
   errors = [line for line in served.log_text().splitlines() if "Not applying" in line]
   assert len(errors) == len(BAD_CONFIGS) + 1
   _write_policy(served, json.dumps({"models": {"digits": {"split": _split(HALF)}}}))
+
+
+def test_a_refused_file_applies_once_its_label_reaches_the_model_config(served):
+  late = {"models": {"digits": {"split": _split({"stable": 50, "late": 50})}}}
+  _write_policy(served, json.dumps(late), "refused")
+  applied = _loads(served, "applied")
+  text = served.model_config.read_text()
+  labelled = text.replace(
+    "version_labels", "version_labels { key: 'late' value: 2 } version_labels", 1
+  )
+  try:
+    served.model_config.write_text(labelled)  # The traffic file is not touched again.
+    model_server.wait_for(lambda: _loads(served, "applied") > applied, 30, "the retry applied")
+    assert {_predict(served)[1] for _ in range(20)} == {"stable", "late"}
+  finally:
+    _write_policy(served, json.dumps({"models": {"digits": {"split": _split(HALF)}}}))
+    served.model_config.write_text(text)
 
 
 def _primary_latencies(server, prefix: str, count: int = 40) -> list[float]:

@@ -189,38 +189,52 @@ class TrafficPolicy:
   def served_labels(self) -> dict[str, set[str]]:
     return {name: set(c.version_labels) for name, c in self.models.configs.items()}
 
-  def apply(self, text: str, where: str, labels: Mapping[str, set[str]] | None = None) -> None:
+  def apply(
+    self,
+    text: str,
+    where: str,
+    labels: Mapping[str, set[str]] | None = None,
+    *,
+    count_refusal: bool = True,
+  ) -> None:
     """Parses and applies `text`, checked against `labels` (model -> version labels; default:
-    the served models'). Raises TrafficConfigError (counted; the policy stays)."""
+    the served models'). Raises TrafficConfigError (counted unless `count_refusal` is False: a
+    retry of the same text; the policy stays)."""
     with self._lock:
       try:
         policies = parse(text, self.served_labels() if labels is None else labels, where)
       except TrafficConfigError:
-        self.metrics.traffic_config_loads.labels("refused").inc()
+        if count_refusal:
+          self.metrics.traffic_config_loads.labels("refused").inc()
         raise
       self.policies = policies
       self.metrics.traffic_config_loads.labels("applied").inc()
 
 
 def watch(policy: TrafficPolicy, path: str, every_seconds: float, stop: threading.Event) -> None:
-  """Applies `path` whenever its text changes, until `stop`; a file that cannot be read or
-  applied is logged once (one error line) and the previous policy stays."""
-  applied = None
+  """Applies `path` whenever its text changes, until `stop`. A text that was refused is tried
+  again at every read (a label it names may reach the model config a moment later, as when a
+  rollout moves a label and then the split), its error logged and counted once; meanwhile the
+  previous policy stays."""
+  last, error = None, None
   while not stop.wait(every_seconds):
     try:
       with open(path) as f:
         text = f.read()
     except OSError as e:
-      text = f"unreadable: {e}"
-      if text != applied:
+      if error != f"unreadable: {e}":
         logging.error("Not applying --traffic_config_file=%s: %s", path, e.strerror)
-        applied = text
+      last, error = None, f"unreadable: {e}"
       continue
-    if text == applied:
+    if text == last and error is None:
       continue
-    applied = text
+    retry, last = text == last, text
     try:
-      policy.apply(text, f"--traffic_config_file={path}")
-      logging.info("Applied --traffic_config_file=%s: %s", path, sorted(policy.policies))
+      policy.apply(text, f"--traffic_config_file={path}", count_refusal=not retry)
     except TrafficConfigError as e:
-      logging.error("Not applying (the previous policy stays): %s", e)
+      if not retry:
+        logging.error("Not applying (the previous policy stays): %s", e)
+      error = str(e)
+      continue
+    error = None
+    logging.info("Applied --traffic_config_file=%s: %s", path, sorted(policy.policies))
