@@ -219,6 +219,13 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+# Subcommand -> its flags, for --help / --helpfull.
+_FLAGS: dict[str, Callable[[], flags.FlagValues]] = {
+  "manifests": _manifest_flags,
+  "canary": _canary_flags,
+}
+
+
 def _canary_errors() -> tuple[type[Exception], ...]:
   """Bad-input errors of the canary's layers (one `error:` line each)."""
   from mlops.canary import CanaryError
@@ -235,6 +242,9 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
       given = argv[1] if len(argv) > 1 else "(none)"
       raise ManifestError(f"subcommand {given} is unknown; choose from {', '.join(SUBCOMMANDS)}")
+    if {"--help", "--helpfull", "-h"} & set(argv[2:]):
+      print(f"python -m mlops.rollout {argv[1]} [flags]\n{_FLAGS[argv[1]]().get_help()}")
+      return 0
     return SUBCOMMANDS[argv[1]]([f"{argv[0]} {argv[1]}", *argv[2:]])
   except (ManifestError, flags.Error, *_canary_errors()) as e:
     print(f"error: {e}", file=sys.stderr)

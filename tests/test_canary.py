@@ -320,3 +320,15 @@ def test_an_undecided_or_interrupted_canary_is_rolled_back(tmp_path):
     controller.run()
   assert fake.calls == [("point_canary", 2), ("remove_canary",)]
   assert canary_traffic.canary_weight(json.loads(traffic.read_text()), "digits", "canary") == 0
+
+
+def test_helpfull_lists_every_flag_with_flaggers_defaults(capsys):
+  from mlops import rollout
+
+  assert rollout.main(["rollout", "canary", "--helpfull"]) == 0
+  text = capsys.readouterr().out
+  defaults = {"step_weight": 10, "max_weight": 50, "interval_s": 60.0, "threshold": 5}
+  for flag, default in {**defaults, "min_requests": 100}.items():
+    assert f"--{flag}:" in text and f"(default: '{default}')" in text, flag
+  for flag in ("name", "candidate", "logs", "traffic_config_file", "model_config_file", "server"):
+    assert f"--{flag}:" in text
