@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None, quiet_native_logs: bool = False) -> None
     if args.command == "run":
       sys.exit(_run(options))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(stop_signal, lambda *_: stop.set())
     state = pipeline_watch.watch(watching, options, stop=stop, report=print)
     print(
       f"watch ended: {len(state.retrain_times)} retrain(s) in the last 24 h; "
