@@ -198,7 +198,7 @@ def run_pipeline(options: RunOptions, client=None) -> PipelineResult:
 
 
 def _steps(options, client, recorder, run_dir) -> tuple[str, int | None, str]:
-  from mlops import prediction_log, registry_promote, registry_register, validate
+  from mlops import prediction_log, registry_register, validate
 
   start = time.perf_counter()
   try:
@@ -253,6 +253,13 @@ def _steps(options, client, recorder, run_dir) -> tuple[str, int | None, str]:
         f"{PRODUCTION} stays at {gate['baseline'] or 'no version'}; record: {gate_path}"
       ),
     )
+  return _promote(options, client, recorder, version, run_dir)
+
+
+def _promote(options, client, recorder, version: int, run_dir: str) -> tuple[str, int, str]:
+  """The promote step, by policy: the registry's audited move of `production`, or the canary."""
+  from mlops import registry_promote
+
   start = time.perf_counter()
   if options.promote == "canary":
     outcome, summary = run_canary(options, version, os.path.join(run_dir, "canary"))
