@@ -43,17 +43,28 @@ def _imported_roots(code: str) -> set[str]:
   return set(eval(proc.stdout.strip().splitlines()[-1]))  # A list literal of names.
 
 
-def _server_modules() -> list[str]:
-  package = os.path.join(REPO, "serving", "server")
-  names = sorted(f[:-3] for f in os.listdir(package) if f.endswith(".py"))
-  return [f"serving.server.{name}" for name in names if name != "__main__"]
-
-
-def test_the_server_package_imports_no_jax_flax_or_trainer():
-  modules = _server_modules()
-  assert {"serving.server.main", "serving.server.grpc_api", "serving.server.rest_api"} <= set(
-    modules
+def _package_modules(package: str) -> list[str]:
+  names = sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, *package.split("."))) if f.endswith(".py")
   )
+  return [f"{package}.{name}" for name in names if name != "__main__"]
+
+
+# The router (router mode) runs the server's request path; each package in its own interpreter
+# (both define --port).
+@pytest.mark.parametrize(
+  "package, expected",
+  [
+    (
+      "serving.server",
+      {"serving.server.main", "serving.server.grpc_api", "serving.server.rest_api"},
+    ),
+    ("serving.router", {"serving.router.main", "serving.router.backend"}),
+  ],
+)
+def test_the_server_package_imports_no_jax_flax_or_trainer(package, expected):
+  modules = _package_modules(package)
+  assert expected <= set(modules)
   code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
   roots = _imported_roots(code)
   assert {"tensorflow", "tensorflow_serving", "grpc"} <= roots  # The imports really ran.

@@ -136,10 +136,7 @@ class RequestHandlers:
     context = self.context
     if context is None:
       return self.models.resolve(spec.name, spec.version, spec.label)
-    label = spec.label
-    if spec.version is None and not label and context.split is not None:
-      label = context.arm = context.split.choose(context.headers)
-    context.label = label
+    label = context.route(spec.version, spec.label)
     loaded = self.models.resolve(spec.name, spec.version, label)
     context.version = loaded.version
     return loaded

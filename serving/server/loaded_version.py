@@ -67,7 +67,7 @@ class LoadedVersion:
     # All SignatureDefs (with __saved_model_init_op), as TF Serving's GetModelMetadata returns them.
     self.signature_defs = dict(meta_graph.signature_def)
     self.signatures = {
-      name: SignatureInfo(name, _specs(d.inputs), _specs(d.outputs))
+      name: signature_info(name, d)
       for name, d in self.signature_defs.items()
       if name in self._loaded.signatures
     }
@@ -159,6 +159,12 @@ class LoadedVersion:
 def _resize_rows(value: np.ndarray, rows: int) -> np.ndarray:
   """`value`'s rows repeated (or cut) to `rows` rows."""
   return np.resize(value, (rows, *value.shape[1:]))
+
+
+def signature_info(name: str, signature_def) -> SignatureInfo:
+  """The SignatureInfo of a SignatureDef proto (the router builds them from a backend's
+  GetModelMetadata)."""
+  return SignatureInfo(name, _specs(signature_def.inputs), _specs(signature_def.outputs))
 
 
 def _specs(tensor_infos) -> dict[str, TensorSpec]:

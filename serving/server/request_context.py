@@ -40,3 +40,12 @@ class RequestContext:
   inputs: Mapping[str, np.ndarray] | None = None
   outputs: Mapping[str, np.ndarray] | None = None
   version: int | None = None  # The version that served (or was resolved for) the request.
+
+  def route(self, version: int | None, label: str) -> str:
+    """The label that serves a request asking for `version` / `label` (recorded in `label`):
+    the split's arm (recorded in `arm`) when it asks for neither, else its own (possibly "").
+    The one place the split applies, for the server (RequestHandlers.resolve) and the router."""
+    if version is None and not label and self.split is not None:
+      label = self.arm = self.split.choose(self.headers)
+    self.label = label
+    return label

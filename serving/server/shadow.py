@@ -29,7 +29,7 @@ DEFAULT_QUEUE_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Job:
+class ShadowJob:
   model_name: str
   signature_name: str
   label: str
@@ -54,7 +54,7 @@ class ShadowRunner:
     self.models = served_models
     self.metrics = metrics
     self.logger = logger
-    self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+    self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=queue_size)
     self._threads = [
       threading.Thread(target=self._run, name=f"shadow-{i}", daemon=True) for i in range(workers)
     ]
@@ -64,7 +64,7 @@ class ShadowRunner:
   def submit(self, spec, context: RequestContext, log_config: LoggingConfig | None, label: str):
     """Queues the copy of the request of `context` to `label`; never blocks. `log_config`:
     where to log the shadow's result (None: its primary was not logged, neither is it)."""
-    job = _Job(
+    job = ShadowJob(
       spec.name,
       context.signature_name or spec.signature_name,
       label,
@@ -90,16 +90,19 @@ class ShadowRunner:
     while (job := self._queue.get()) is not None:
       self._shadow(job)
 
-  def _shadow(self, job: _Job) -> None:
+  def run_copy(self, job: ShadowJob) -> tuple[int, str, dict]:
+    """Runs a copy on the served models: (version, signature name, outputs). Raises
+    ServingError; the router's runner (serving/router) overrides this to call its backend."""
+    loaded = self.models.resolve(job.model_name, None, job.label)
+    signature = loaded.signature(job.signature_name)
+    return loaded.version, signature.name, loaded.run(signature.name, job.inputs, ())
+
+  def _shadow(self, job: ShadowJob) -> None:
     start_us = time.time_ns() // 1000
     start = time.perf_counter()
     outputs, version, signature_name = {}, 0, job.signature_name
     try:
-      loaded = self.models.resolve(job.model_name, None, job.label)
-      version = loaded.version
-      signature = loaded.signature(job.signature_name)
-      signature_name = signature.name
-      outputs = loaded.run(signature.name, job.inputs, ())
+      version, signature_name, outputs = self.run_copy(job)
       code = grpc.StatusCode.OK
     except ServingError as e:
       code = e.code

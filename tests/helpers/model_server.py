@@ -103,9 +103,16 @@ class Server:
   for."""
 
   def __init__(
-    self, args: list[str], log_path: str, *, model_name: str = "digits", base: str | None = None
+    self,
+    args: list[str],
+    log_path: str,
+    *,
+    model_name: str = "digits",
+    base: str | None = None,
+    module: str = "serving.server",
   ):
-    """`base`: the model base path the tests drop versions into, if any."""
+    """`base`: the model base path the tests drop versions into, if any. `module`: what runs
+    (`serving.router` for the router mode, which takes the same --port/--rest_api_port)."""
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -118,7 +125,7 @@ class Server:
       [
         sys.executable,
         "-m",
-        "serving.server",
+        module,
         f"--port={self.grpc_port}",
         f"--rest_api_port={self.rest_port}",
         *args,  # No --host: the default, 127.0.0.1, is what the tests reach and check.

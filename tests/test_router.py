@@ -1,0 +1,233 @@
+"""Router mode (`python -m serving.router`): this project's server as the backend (digits as
+stable=1 and canary=2), the router in front with a 50/50 sticky split, a 100% mirror to canary
+and a prediction log. The response's model_spec.version tells which arm served."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow (make install)")
+grpc = pytest.importorskip("grpc", reason="the router needs grpcio (make install)")
+
+from tensorflow_serving.apis import classification_pb2, get_model_status_pb2  # noqa: E402
+
+from mlops import prediction_log  # noqa: E402
+from serving.server import traffic  # noqa: E402
+from tests.helpers import model_server, tf_examples  # noqa: E402
+from tests.helpers.model_server import predict_request  # noqa: E402
+
+LABELS = {"stable": 1, "canary": 2}
+SPLIT = {"key": "x-user-id", "arms": [{"label": "stable", "weight": 50}, {"label": "canary", "weight": 50}]}  # fmt: skip
+
+
+def _config(path, base: str, log_prefix: str | None = None) -> str:
+  labels = " ".join(f"version_labels {{ key: '{k}' value: {v} }}" for k, v in LABELS.items())
+  logging = ""
+  if log_prefix:
+    logging = (
+      f"logging_config {{ log_collector_config {{ filename_prefix: '{log_prefix}' }}"
+      " sampling_config { sampling_rate: 1.0 } }"
+    )
+  path.write_text(
+    f"model_config_list {{ config {{ name: 'digits' base_path: '{base}' "
+    f"model_version_policy {{ all {{}} }} {labels} {logging} }} }}"
+  )
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+  """(router, backend, router's log directory)."""
+  _, version_dir = model_server.digits_export(tmp_path_factory)
+  root = tmp_path_factory.mktemp("router")
+  base = str(root / "models" / "digits")
+  for version in LABELS.values():
+    model_server.copy_version(version_dir, base, version)
+  backend = model_server.Server(
+    [*model_server.QUICK_ARGS, f"--model_config_file={_config(root / 'backend.config', base)}"],
+    str(root / "backend.log"),
+  )
+  logs = root / "logs"
+  router_config = _config(root / "router.config", base, str(logs / "predict"))
+  policy = root / "traffic.json"
+  policy.write_text(
+    json.dumps(
+      {"models": {"digits": {"split": SPLIT, "mirror": {"label": "canary", "percent": 100}}}}
+    )
+  )
+  with backend:
+    router = model_server.Server(
+      [
+        f"--backend=127.0.0.1:{backend.grpc_port}",
+        f"--model_config_file={router_config}",
+        f"--traffic_config_file={policy}",
+      ],
+      str(root / "router.log"),
+      module="serving.router",
+    )
+    with router:
+      yield router, backend, str(logs)
+
+
+def _expected_arm(key: str) -> str:
+  split = traffic.parse(json.dumps({"models": {"digits": {"split": SPLIT}}}), {"digits": set(LABELS)}, "t")  # fmt: skip
+  return split["digits"].split.choose({"x-user-id": key})
+
+
+def _predict(server, key: str | None = None, request_id: str | None = None, **spec):
+  metadata = [("x-user-id", key)] if key else []
+  if request_id:
+    metadata.append(("x-request-id", request_id))
+  request = predict_request(model_server.digits_pixels(2), **spec)
+  response, call = server.predict_stub.Predict.with_call(request, metadata=metadata, timeout=30)
+  return response, dict(call.trailing_metadata())
+
+
+def test_split_sends_sticky_keys_to_their_arms(routed):
+  router, _, _ = routed
+  keys = [f"user-{i}" for i in range(16)]
+  seen = set()
+  for key in keys:
+    arm = _expected_arm(key)
+    seen.add(arm)
+    for _ in range(2):
+      response, trailing = _predict(router, key)
+      assert trailing["x-arm"] == arm, key
+      assert response.model_spec.version.value == LABELS[arm], key
+  assert seen == set(LABELS)  # Both arms were exercised.
+
+
+def test_an_explicit_label_or_version_bypasses_the_split(routed):
+  router, _, _ = routed
+  key = next(k for k in (f"u{i}" for i in range(100)) if _expected_arm(k) == "stable")
+  response, trailing = _predict(router, key, version_label="canary")
+  assert response.model_spec.version.value == 2 and "x-arm" not in trailing
+  response, trailing = _predict(router, key, version=2)
+  assert response.model_spec.version.value == 2 and "x-arm" not in trailing
+
+
+def test_request_id_round_trip_and_logs_carry_arm_version_and_id(routed):
+  router, _, logs = routed
+  ids = {}
+  for i in range(6):
+    key = f"log-user-{i}"
+    _, trailing = _predict(router, key, request_id=f"router-req-{i}")
+    assert trailing["x-request-id"] == f"router-req-{i}"
+    ids[f"router-req-{i}"] = _expected_arm(key)
+  _, trailing = _predict(router, "someone")
+  assert len(trailing["x-request-id"]) == 32  # Made by the router when the client sent none.
+
+  def logged():
+    try:
+      read = prediction_log.read_logs(logs)
+    except prediction_log.LogError:
+      return None
+    primary = {r for r, role in zip(read.request_id, read.role, strict=True) if role == "primary"}
+    shadow = {r for r, role in zip(read.request_id, read.role, strict=True) if role == "shadow"}
+    mirrored = {r for r, arm in ids.items() if arm == "stable"}  # canary is the mirror's label.
+    return read if set(ids) <= primary and mirrored <= shadow else None
+
+  assert set(ids.values()) == set(LABELS)  # Both arms among the logged requests.
+  read = model_server.wait_for(logged, 30, "the router's log records")
+  for request_id, arm in ids.items():
+    rows = read.select((read.request_id == request_id) & (read.role == "primary"))
+    assert set(rows.arm) == {arm} and set(rows.version) == {LABELS[arm]}
+    assert set(rows.version_label) == {arm}
+    shadow = read.select((read.request_id == request_id) & (read.role == "shadow"))
+    if arm == "stable":  # Mirrored to canary, logged under the same id (2 rows a request).
+      assert set(shadow.version) == {LABELS["canary"]} and len(shadow) == 2
+    else:  # Served by the mirror's label already: no copy.
+      assert len(shadow) == 0
+
+
+def test_status_metadata_and_rest_predict_pass_through(routed):
+  router, backend, _ = routed
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = "digits"
+  assert router.model_stub.GetModelStatus(request, timeout=30) == backend.model_stub.GetModelStatus(
+    request, timeout=30
+  )
+  status, metadata = router.get("/v1/models/digits/labels/canary/metadata")
+  assert status == 200 and metadata["model_spec"]["version"] == "2"
+  assert "serving_default" in metadata["metadata"]["signature_def"]["signature_def"]
+  rows = model_server.digits_pixels(2).tolist()
+  body = json.dumps({"instances": rows}).encode()
+  key = next(k for k in (f"r{i}" for i in range(100)) if _expected_arm(k) == "canary")
+  http = urllib.request.Request(
+    router.url + "/v1/models/digits:predict", body, {"x-user-id": key, "x-request-id": "rest-1"}
+  )
+  with urllib.request.urlopen(http, timeout=30) as response:
+    assert response.headers["x-arm"] == "canary" and response.headers["x-request-id"] == "rest-1"
+    routed_rows = json.loads(response.read())["predictions"]
+  assert backend.request("POST", "/v1/models/digits/labels/canary:predict", body)[1] == {
+    "predictions": routed_rows
+  }
+
+
+def test_classify_is_split_and_forwarded(routed):
+  router, backend, _ = routed
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name, request.model_spec.signature_name = "digits", "classify"
+  request.input.example_list.examples.extend(
+    tf_examples.example(inputs=row) for row in model_server.digits_pixels(3)
+  )
+  for arm in LABELS:
+    key = next(k for k in (f"c{i}" for i in range(100)) if _expected_arm(k) == arm)
+    response, call = router.predict_stub.Classify.with_call(
+      request, metadata=[("x-user-id", key)], timeout=30
+    )
+    assert response.model_spec.version.value == LABELS[arm]
+    assert dict(call.trailing_metadata())["x-arm"] == arm
+    direct = classification_pb2.ClassificationRequest()
+    direct.CopyFrom(request)
+    direct.model_spec.version_label = arm
+    assert response.result == backend.predict_stub.Classify(direct, timeout=30).result
+
+
+def test_a_backend_that_is_down_answers_unavailable(tmp_path):
+  router = model_server.Server(
+    [f"--backend=127.0.0.1:{model_server.free_port()}", "--backend_timeout_seconds=5"],
+    str(tmp_path / "router.log"),
+    module="serving.router",
+  )
+  try:
+
+    def answers_503() -> bool:
+      try:
+        return router.get("/v1/models/digits")[0] == 503
+      except OSError:  # The REST port is not open yet.
+        return False
+
+    model_server.wait_for(answers_503, 60, "REST status answering 503", 0.2)
+    with pytest.raises(grpc.RpcError) as error:
+      router.predict_stub.Predict(predict_request(model_server.digits_pixels(1)), timeout=30)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "backend 127.0.0.1:" in error.value.details()
+    assert router.proc.poll() is None  # Still serving.
+  finally:
+    assert router.stop() == 0
+  assert "Traceback" not in router.log_text()
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--backend=h:1", "--traffic_config_file=/no/such.json"], "cannot read --traffic_config_file"),
+  ],
+)
+def test_bad_flags_are_one_error_line(args, message):
+  proc = subprocess.run(
+    [sys.executable, "-m", "serving.router", *args],
+    cwd=model_server.REPO,
+    env=model_server.SERVER_ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
+  assert not os.path.exists("/no/such.json")
