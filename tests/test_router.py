@@ -231,3 +231,20 @@ def test_bad_flags_are_one_error_line(args, message):
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
   assert not os.path.exists("/no/such.json")
+
+
+def test_without_a_model_config_the_traffic_configs_labels_are_taken_and_still_checked():
+  from serving.router import backend
+  from serving.server import metrics
+
+  policy = backend.RouterTrafficPolicy(backend.RouterModels(), metrics.Metrics())
+  text = json.dumps({"models": {"digits": {"split": SPLIT, "mirror": {"label": "shadow", "percent": 5}}}})  # fmt: skip
+  policy.apply(text, "t")
+  assert policy.split_for("digits").labels == ("stable", "canary")
+  assert policy.mirror_for("digits").label == "shadow"
+  bad = {"key": "x-user-id", "arms": [{"label": "stable", "weight": 60}, {"label": "canary", "weight": 30}]}  # fmt: skip
+  with pytest.raises(traffic.TrafficConfigError, match="sum to 90"):
+    policy.apply(json.dumps({"models": {"digits": {"split": bad}}}), "t")
+  assert policy.split_for("digits").labels == ("stable", "canary")  # The previous policy stays.
+  with pytest.raises(traffic.TrafficConfigError, match="not JSON"):
+    policy.apply("{", "t")
