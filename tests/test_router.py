@@ -142,6 +142,9 @@ def test_request_id_round_trip_and_logs_carry_arm_version_and_id(routed):
       assert set(shadow.version) == {LABELS["canary"]} and len(shadow) == 2
     else:  # Served by the mirror's label already: no copy.
       assert len(shadow) == 0
+  metrics = router.metrics_text()  # The server's metrics, counted by the router.
+  assert 'serving_prediction_log_records_total{model="digits",outcome="written"}' in metrics
+  assert 'serving_shadow_requests_total{model="digits",outcome="ok"}' in metrics
 
 
 def test_status_metadata_and_rest_predict_pass_through(routed):
@@ -188,12 +191,40 @@ def test_classify_is_split_and_forwarded(routed):
     assert response.result == backend.predict_stub.Classify(direct, timeout=30).result
 
 
-def test_a_backend_that_is_down_answers_unavailable(tmp_path):
+def _one_arm(label: str) -> str:
+  return json.dumps({"models": {"digits": {"split": {"arms": [{"label": label, "weight": 100}]}}}})
+
+
+def test_a_backend_that_is_down_answers_unavailable_and_config_edits_apply(tmp_path):
+  """No backend at all: every call is UNAVAILABLE (with its arm), the router lives on, and an
+  edit of the model config (a new label) then of the traffic config (a split onto it) apply."""
+  config = tmp_path / "models.config"
+  config.write_text(
+    "model_config_list { config { name: 'digits' base_path: '/unused'"
+    " version_labels { key: 'stable' value: 1 } } }"
+  )
+  policy = tmp_path / "traffic.json"
+  policy.write_text(_one_arm("stable"))
   router = model_server.Server(
-    [f"--backend=127.0.0.1:{model_server.free_port()}", "--backend_timeout_seconds=5"],
+    [
+      f"--backend=127.0.0.1:{model_server.free_port()}",
+      "--backend_timeout_seconds=5",
+      f"--model_config_file={config}",
+      "--model_config_file_poll_wait_seconds=1",
+      f"--traffic_config_file={policy}",
+      "--traffic_config_file_poll_wait_seconds=0.2",
+    ],
     str(tmp_path / "router.log"),
     module="serving.router",
   )
+
+  def arm_of_a_failed_call() -> str:
+    with pytest.raises(grpc.RpcError) as error:
+      router.predict_stub.Predict(predict_request(model_server.digits_pixels(1)), timeout=30)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "backend 127.0.0.1:" in error.value.details()
+    return dict(error.value.trailing_metadata())["x-arm"]
+
   try:
 
     def answers_503() -> bool:
@@ -203,10 +234,10 @@ def test_a_backend_that_is_down_answers_unavailable(tmp_path):
         return False
 
     model_server.wait_for(answers_503, 60, "REST status answering 503", 0.2)
-    with pytest.raises(grpc.RpcError) as error:
-      router.predict_stub.Predict(predict_request(model_server.digits_pixels(1)), timeout=30)
-    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "backend 127.0.0.1:" in error.value.details()
+    assert arm_of_a_failed_call() == "stable"
+    policy.write_text(_one_arm("canary"))  # Refused: canary is no label yet.
+    config.write_text(config.read_text().replace("} } }", "} version_labels { key: 'canary' value: 2 } } }"))  # fmt: skip
+    model_server.wait_for(lambda: arm_of_a_failed_call() == "canary", 30, "the canary split", 0.2)
     assert router.proc.poll() is None  # Still serving.
   finally:
     assert router.stop() == 0

@@ -86,7 +86,7 @@ def _model_configs() -> dict:
     _fail(str(e))
 
 
-def _watch_model_config(models, stop: threading.Event) -> None:
+def _watch_model_config(models, router_metrics, stop: threading.Event) -> None:
   """Re-reads --model_config_file (labels a rollout moved); a bad text keeps the last one."""
   from serving.server import model_config
 
@@ -94,6 +94,7 @@ def _watch_model_config(models, stop: threading.Event) -> None:
   while not stop.wait(_MODEL_CONFIG_FILE_POLL_WAIT.value):
     try:
       models.configs = {c.name: c for c in model_config.read(path)}
+      router_metrics.set_model_names(sorted(models.configs))
       error = None
     except ValueError as e:
       if str(e) != error:
@@ -161,7 +162,7 @@ def main(argv: list[str]) -> None:
     every = _TRAFFIC_CONFIG_POLL_WAIT.value
     _start_thread(traffic.watch, policy, _TRAFFIC_CONFIG_FILE.value, every, stop, name="traffic")
   if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
-    _start_thread(_watch_model_config, models, stop, name="model-config")
+    _start_thread(_watch_model_config, models, router_metrics, stop, name="model-config")
   server, port, health = grpc_api.build(
     path,
     f"{_HOST.value}:{_PORT.value}",
