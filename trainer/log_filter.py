@@ -29,5 +29,9 @@ class _LibraryInfoFilter(logging.Filter):
 
 
 def quiet_library_info_logs() -> None:
-  """Installs the filter on absl's handler (call once, from an entrypoint)."""
-  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  """Installs the filter (call once, from an entrypoint): on absl's handler, and on the `absl`
+  logger itself, which libraries log through also when absl's handler is not the one printing
+  (commands not started by `app.run` print through Python's root handler)."""
+  library_filter = _LibraryInfoFilter()
+  absl_logging.get_absl_handler().addFilter(library_filter)
+  logging.getLogger("absl").addFilter(library_filter)
