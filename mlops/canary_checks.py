@@ -74,7 +74,7 @@ def read_window(
   traffic split assigned to one of `arms`, per arm. Shadow copies and requests that named a
   version or label themselves are left out. Files last written before the window are not
   opened. Raises prediction_log.LogError when `logs_dir` is not a directory."""
-  from tensorflow_serving.apis import prediction_log_pb2
+  from serving.api_protos import prediction_log_pb2
 
   if not os.path.isdir(logs_dir):
     raise prediction_log.LogError(

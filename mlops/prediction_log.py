@@ -216,8 +216,7 @@ def read_logs(
   as schema breaks. Without it the first OK record's inputs define the schema.
   Raises LogError when the directory holds no files.
   """
-  from tensorflow_serving.apis import prediction_log_pb2
-
+  from serving.api_protos import prediction_log_pb2
   from serving.server import tensors  # numpy-only TensorProto conversion (no TF on the fast path)
 
   collected = _Collector(input_schema)

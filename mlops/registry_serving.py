@@ -31,8 +31,8 @@ def parse(text: str | None, path: str):
   """The ModelServerConfig proto of `text` (an empty one for None), checked by the server's
   reader. Raises RegistryError naming the file."""
   from google.protobuf import text_format
-  from tensorflow_serving.config import model_server_config_pb2
 
+  from serving.api_protos import model_server_config_pb2
   from serving.server import model_config
 
   config = model_server_config_pb2.ModelServerConfig()
@@ -188,7 +188,8 @@ def version_state(server: str, name: str, version: int) -> str:
 
 def _model_stub(server: str, timeout_s: float = 10):
   import grpc
-  from tensorflow_serving.apis import model_service_pb2_grpc
+
+  from serving.api_protos import model_service_pb2_grpc
 
   channel = grpc.insecure_channel(server)
   try:
@@ -202,7 +203,7 @@ def _model_stub(server: str, timeout_s: float = 10):
 
 
 def _reload(stub, config, server: str) -> None:
-  from tensorflow_serving.apis import model_management_pb2
+  from serving.api_protos import model_management_pb2
 
   request = model_management_pb2.ReloadConfigRequest(config=config)
   response = stub.HandleReloadConfigRequest(request, timeout=120)
@@ -215,7 +216,8 @@ def _reload(stub, config, server: str) -> None:
 def _state(stub, name: str, version: int | None, label: str, timeout_s: float = 10.0):
   """(version, state) of the version the spec names (the newest when several)."""
   import grpc
-  from tensorflow_serving.apis import get_model_status_pb2
+
+  from serving.api_protos import get_model_status_pb2
 
   request = get_model_status_pb2.GetModelStatusRequest()
   request.model_spec.name = name

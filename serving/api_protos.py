@@ -9,7 +9,8 @@ package's `__init__`. The bare package is removed afterwards, so a later `import
 in the same process is the real one (and finds these `_pb2` modules already loaded). Where
 TensorFlow was imported already, its own modules are used.
 
-Used by `serving.client`; needs `tensorflow-serving-api` and TensorFlow's files on disk (the
+Used by `serving.client` and by the `mlops` commands that only speak TF Serving's protocol
+(the registry's label moves, the log readers), which then start in a second or two; needs `tensorflow-serving-api` and TensorFlow's files on disk (the
 serving lock installs both), not an initialised TensorFlow.
 """
 
@@ -46,16 +47,22 @@ with _tensorflow_protos_only():
   from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_log_pb2,
     prediction_service_pb2_grpc,
   )
+  from tensorflow_serving.config import model_server_config_pb2
 
 __all__ = [
   "get_model_metadata_pb2",
   "get_model_status_pb2",
+  "model_management_pb2",
+  "model_server_config_pb2",
   "model_service_pb2_grpc",
   "predict_pb2",
+  "prediction_log_pb2",
   "prediction_service_pb2_grpc",
   "tensor_pb2",
   "types_pb2",

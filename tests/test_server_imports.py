@@ -80,3 +80,21 @@ def test_the_contract_imports_neither_jax_nor_tensorflow():
   roots = _imported_roots("import serving.contract")
   assert "serving" in roots
   assert roots.isdisjoint({"tensorflow", "tensorflow_serving", "numpy", "grpc"}), roots
+
+
+def test_label_moves_and_log_reads_do_not_start_tensorflow(tmp_path):
+  """The log readers (monitor, A/B, shadow and canary reports) and the registry's model-config
+  edits speak TF Serving's protocol through serving.api_protos, without the ~7 s of CPU that
+  starting TensorFlow's runtime costs."""
+  log_dir = tmp_path / "logs"
+  log_dir.mkdir()
+  (log_dir / "log-0").write_bytes(b"")  # An empty log file: read, nothing in it.
+  code = f"""
+from mlops import prediction_log, registry_serving
+text = registry_serving.with_label(None, "x.config", "digits", "/models/digits", "canary", 3)
+assert registry_serving.labels(text, "x.config", "digits") == {{"canary": 3}}
+assert len(prediction_log.read_logs({str(log_dir)!r})) == 0
+assert not hasattr(sys.modules.get("tensorflow"), "__version__"), "TensorFlow's runtime started"
+"""
+  roots = _imported_roots(code)
+  assert "tensorflow_serving" in roots  # The protos were really used.
