@@ -86,7 +86,12 @@ def gate_times(root: str) -> list[list[str]]:
 
 def _cli(*args: str) -> tuple[float, float]:
   """(wall, CPU) seconds of one `python -m mlops.registry` command; raises with its stderr."""
-  env = {**model_server.SERVER_ENV, "PYTHONPATH": REPO}
+  # The bench's own temporary store, not the user's registry.
+  env = {
+    **model_server.SERVER_ENV,
+    "PYTHONPATH": REPO,
+    "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+  }
   start, cpu = time.perf_counter(), _cpu_seconds()
   proc = subprocess.run(
     [sys.executable, "-m", "mlops.registry", *args],
