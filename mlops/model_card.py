@@ -16,6 +16,7 @@ from serving import contract
 
 CARD = os.path.join(contract.ASSETS_EXTRA_DIR, "MODEL_CARD.md")
 CONFUSION_PNG = os.path.join(contract.ASSETS_EXTRA_DIR, "confusion_matrix.png")
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 NOT_PROVIDED = "_not provided_ (set `config.card.{}` in the training config)"
 
 
@@ -31,13 +32,27 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def parameter_count(version_dir: str) -> int:
-  """Parameters in the SavedModel's variables (the served weights)."""
+def parameter_count(version_dir: str, manifest: dict | None = None) -> int:
+  """Values in the SavedModel's variables (the served weights): the count the export manifest
+  recorded, else (exports that predate it) read from the variables with TensorFlow, whose import
+  would otherwise be most of a promote command's time (the card is rewritten at every move)."""
+  if manifest and manifest.get("parameter_count") is not None:
+    return int(manifest["parameter_count"])
   import numpy as np
-  import tensorflow as tf
+
+  from serving import native_logs
+
+  with native_logs.filtered_stderr():  # The registry command did not start TensorFlow itself.
+    import tensorflow as tf
 
   prefix = os.path.join(version_dir, "variables", "variables")
-  return int(sum(np.prod(shape) for _, shape in tf.train.list_variables(prefix)))
+  return int(
+    sum(
+      np.prod(shape)
+      for name, shape in tf.train.list_variables(prefix)
+      if name != _OBJECT_GRAPH  # Checkpoint metadata, not a variable (it counted as 1).
+    )
+  )
 
 
 def write(mlflow_client, name: str, version: int, version_dir: str, *, manifest=None) -> str:
@@ -129,7 +144,7 @@ def render(name, version, version_dir, manifest, record, found) -> str:
   lines += [f"# Model card: {name} version {version}", "", "## Model details", ""]
   lines += [
     f"- architecture: `{config.get('model', {}).get('name')}` (configs: {config.get('model', {})})",
-    f"- parameters: {parameter_count(version_dir):,}",
+    f"- parameters: {parameter_count(version_dir, manifest):,}",
     f"- version: {version} (registry version = TF Serving directory `{version_dir}`)",
     f"- registered: {_ms_to_iso(found.creation_timestamp)}; checkpoint step "
     f"{manifest.get('checkpoint_step')}",

@@ -150,5 +150,8 @@ def config_file_labels(export_base: str, name: str) -> dict[str, dict[str, int]]
 if __name__ == "__main__":
   from serving import native_logs
 
-  native_logs.quiet_native_logs(sys.argv)
+  # Only `register` (which exports) starts TensorFlow, so only it needs TensorFlow's start-up
+  # lines filtered; the label moves, list and lineage speak TF Serving's protocol through
+  # serving.api_protos and start in a few seconds.
+  native_logs.quiet_native_logs(sys.argv, import_tensorflow="register" in sys.argv[1:2])
   main()

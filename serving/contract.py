@@ -102,6 +102,9 @@ class ExportManifest:
   # Output (signature/name) -> worst relative error of the parity gate.
   parity_max_relative_error: Mapping[str, float]
   export: Mapping[str, Any]
+  # Values in the SavedModel's variables (parameters and model state such as batch statistics),
+  # counted at export so readers need not load TensorFlow; absent in older exports.
+  parameter_count: int | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

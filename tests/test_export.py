@@ -13,6 +13,7 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow (make install)")
 
 from configs import lm as lm_config  # noqa: E402
+from mlops import model_card  # noqa: E402
 from serving.export import exporter as export  # noqa: E402
 from serving.export import loading, parity  # noqa: E402
 from tests.helpers.configs import smoke_config  # noqa: E402
@@ -96,6 +97,12 @@ def test_assets_extra_hold_warmup_and_manifest(digits_export):
     == jax.config.jax_export_calling_convention_version
   )
   assert manifest["export"]["jax"] == jax.__version__
+  # The count readers use instead of loading TensorFlow is the SavedModel's own.
+  variables = os.path.join(digits_export.path, "variables", "variables")
+  listed = tf.train.list_variables(variables)
+  counted = sum(int(np.prod(s)) for n, s in listed if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+  assert manifest["parameter_count"] == counted > 0
+  assert model_card.parameter_count(digits_export.path) == counted  # The fallback agrees.
 
 
 def test_saved_model_cli_lists_the_signature(digits_export):

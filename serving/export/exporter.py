@@ -231,6 +231,7 @@ def _write_assets(tmp_path, model, signature_list, workdir, platforms, errors) -
     signatures={s.name: s.doc for s in signature_list},
     parity_max_relative_error=errors,
     export=compatibility.export_info(platforms),
+    parameter_count=sum(int(leaf.size) for leaf in jax.tree.leaves(model.variables)),
   )
   with open(contract.export_manifest_path(tmp_path), "w") as f:
     json.dump(export_manifest.to_dict(), f, indent=2, sort_keys=True, default=str)
