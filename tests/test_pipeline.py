@@ -14,7 +14,7 @@ import pytest
 
 from mlops import pipeline_data, pipeline_guards, pipeline_run, pipeline_watch, registry_store
 from mlops.pipeline_guards import Observation, Policy, State
-from tests.helpers import model_server
+from tests.helpers import model_server, pipeline_gates
 
 REPO = model_server.REPO
 ALERT = ("drift",)
@@ -212,16 +212,6 @@ def test_bad_input_is_one_error_line(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["pipeline.lock.guard"]
 
 
-FAST_GATE = (
-  "from configs.gates import smoke\n"
-  "def get_gate_config():\n"
-  "  c = smoke.get_gate_config()\n"
-  "  c.served.enabled = False  # The served path has its own tests (test_gate.py).\n"
-  "  c.quality.floors = {'accuracy': FLOOR}\n"
-  "  return c\n"
-)
-
-
 def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_path, monkeypatch):
   # The training processes on one CPU device: the 8 fake devices of this session only slow
   # their compilation (this process's JAX has already started with them).
@@ -230,8 +220,7 @@ def test_run_promotes_v1_and_never_promotes_a_candidate_that_fails_its_gate(tmp_
   name = "pipeline_digits"  # The session's throwaway store (conftest) holds other tests' models.
   gates = {}
   for verdict, floor in (("pass", 0.2), ("fail", 1.01)):
-    gates[verdict] = tmp_path / f"{verdict}.py"
-    gates[verdict].write_text(FAST_GATE.replace("FLOOR", str(floor)))
+    gates[verdict] = pipeline_gates.write_gate(tmp_path / f"{verdict}.py", floor)
   options = pipeline_run.RunOptions(
     config=os.path.join(REPO, "configs", "digits_cnn.py:smoke"),
     name=name,
