@@ -11,8 +11,8 @@ model config, a file still naming it would be refused by a server (re)starting o
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+
+from mlops import registry_serving
 
 
 class TrafficFileError(ValueError):
@@ -73,20 +73,7 @@ def with_weight(config: dict, name: str, stable: str, canary: str, weight: int, 
 
 def write(path: str, config: dict) -> None:
   """Replaces the file by `config` atomically (temp file in the same directory + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".traffic-", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(config, f, indent=1, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  registry_serving.write_atomically(path, json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
 def canary_weight(config: dict, name: str, canary: str) -> int:
