@@ -21,7 +21,6 @@ costs. Every number is noisy on a shared machine (compare ratios within one run)
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 
@@ -82,8 +81,12 @@ def main(argv: list[str]) -> None:
     errors = 0
     for _ in range(FLAGS.rounds):
       for name in servers:
-        rate, failed = serving_policy._throughput(
-          stubs[name], request, FLAGS.in_flight, FLAGS.seconds
+        rate, failed = serving_latency._throughput(
+          stubs[name],
+          request,
+          FLAGS.in_flight,
+          FLAGS.seconds,
+          metadata=serving_policy.user_metadata,
         )
         rates[name].append(rate)
         errors += failed
@@ -94,29 +97,12 @@ def main(argv: list[str]) -> None:
         return stub.Predict(request, timeout=30, metadata=[("x-user-id", "u1")])
 
       p50[name] = float(np.percentile(serving_latency._latencies(call, FLAGS.seconds), 50)) * 1e3
-    _report(rates, p50, errors)
+    serving_policy.report(rates, p50, f"errors: {errors}", column="path", baseline="direct")
   finally:
     for name, server in servers.items():
       if name != "direct":
         server.stop()
     backend.stop()
-
-
-def _report(rates: dict[str, list[float]], p50_us: dict[str, float], errors: int) -> None:
-  median = {name: statistics.median(r) for name, r in rates.items()}
-  print(f"\nThroughput, {FLAGS.in_flight} one-row requests in flight (requests/s, median of")
-  print(f"{FLAGS.rounds} alternating rounds of {FLAGS.seconds:g} s):\n")
-  print("| path | requests/s | / direct | rounds |")
-  print("|---|---|---|---|")
-  for name, rate in median.items():
-    rounds = ", ".join(f"{r:.0f}" for r in rates[name])
-    print(f"| {name} | {rate:.0f} | {rate / median['direct']:.3f} | {rounds} |")
-  print("\np50 latency at concurrency 1 (us):\n")
-  print("| path | p50 us | added over direct |")
-  print("|---|---|---|")
-  for name, value in p50_us.items():
-    print(f"| {name} | {value:.0f} | {value - p50_us['direct']:+.0f} us |")
-  print(f"\nerrors: {errors}")
 
 
 if __name__ == "__main__":

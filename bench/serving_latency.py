@@ -99,15 +99,24 @@ def _stubs(server, channels: int) -> list:
   ]
 
 
-def _throughput(stubs: list, request, concurrency: int, seconds: float) -> tuple[float, int]:
+def _throughput(
+  stubs: list, request, concurrency: int, seconds: float, metadata=None
+) -> tuple[float, int]:
   """Requests/s of a closed loop keeping `concurrency` Predicts in flight (spread over the
-  stubs' connections); and the errors."""
+  stubs' connections); and the errors. `metadata(slot)`, when given, is the gRPC metadata of
+  every request of loop slot `slot` (e.g. its own x-user-id)."""
   lock = threading.Lock()
   done = threading.Event()
   counts = {"ok": 0, "errors": 0, "in_flight": concurrency}
   deadline = time.monotonic() + seconds
 
-  def on_done(future, stub):
+  def send(slot: int):
+    stub = stubs[slot % len(stubs)]
+    extra = {"metadata": metadata(slot)} if metadata else {}
+    future = stub.Predict.future(request, timeout=30, **extra)
+    future.add_done_callback(lambda f: on_done(f, slot))
+
+  def on_done(future, slot):
     with lock:
       counts["ok" if future.exception() is None else "errors"] += 1
       if time.monotonic() >= deadline:
@@ -115,16 +124,11 @@ def _throughput(stubs: list, request, concurrency: int, seconds: float) -> tuple
         if counts["in_flight"] == 0:
           done.set()
         return
-    stub.Predict.future(request, timeout=30).add_done_callback(
-      lambda next_future: on_done(next_future, stub)
-    )
+    send(slot)
 
   start = time.perf_counter()
-  for i in range(concurrency):
-    stub = stubs[i % len(stubs)]
-    stub.Predict.future(request, timeout=30).add_done_callback(
-      lambda future, stub=stub: on_done(future, stub)
-    )
+  for slot in range(concurrency):
+    send(slot)
   done.wait(seconds + 60)
   return counts["ok"] / (time.perf_counter() - start), counts["errors"]
 

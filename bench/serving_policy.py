@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -88,33 +87,9 @@ def _write_configs(tmp: str, base: str) -> dict[str, list[str]]:
   return args
 
 
-def _throughput(stubs, request, in_flight: int, seconds: float) -> tuple[float, int]:
-  """Requests/s of a closed loop keeping `in_flight` Predicts in flight, each loop slot with
-  its own x-user-id; and the errors."""
-  lock, done = threading.Lock(), threading.Event()
-  counts = {"ok": 0, "errors": 0, "in_flight": in_flight}
-  deadline = time.monotonic() + seconds
-
-  def send(slot: int):
-    stub = stubs[slot % len(stubs)]
-    future = stub.Predict.future(request, timeout=30, metadata=[("x-user-id", f"user-{slot}")])
-    future.add_done_callback(lambda f: on_done(f, slot))
-
-  def on_done(future, slot):
-    with lock:
-      counts["ok" if future.exception() is None else "errors"] += 1
-      if time.monotonic() >= deadline:
-        counts["in_flight"] -= 1
-        if counts["in_flight"] == 0:
-          done.set()
-        return
-    send(slot)
-
-  start = time.perf_counter()
-  for slot in range(in_flight):
-    send(slot)
-  done.wait(seconds + 60)
-  return counts["ok"] / (time.perf_counter() - start), counts["errors"]
+def user_metadata(slot: int) -> list[tuple[str, str]]:
+  """Each closed-loop slot's requests carry their own x-user-id (the split's key)."""
+  return [("x-user-id", f"user-{slot}")]
 
 
 def _hook_costs(tmp: str, calls: int) -> dict[str, float]:
@@ -222,7 +197,9 @@ def _servers(tmp: str) -> None:
     errors = 0
     for _ in range(_ROUNDS.value):
       for name in servers:
-        rate, failed = _throughput(stubs[name], request, _IN_FLIGHT.value, FLAGS.seconds)
+        rate, failed = serving_latency._throughput(
+          stubs[name], request, _IN_FLIGHT.value, FLAGS.seconds, metadata=user_metadata
+        )
         rates[name].append(rate)
         errors += failed
     p50 = {}
@@ -233,29 +210,41 @@ def _servers(tmp: str) -> None:
         return stub.Predict(request, timeout=30, metadata=[("x-user-id", "u1")])
 
       p50[name] = float(np.percentile(serving_latency._latencies(call, FLAGS.seconds), 50)) * 1e3
-    _report(rates, p50, errors)
+    report(
+      rates,
+      p50,
+      f"errors: {errors} (goals: policy/plain >= 0.95x, +<= 50 us p50; shadow p50 <= 1.05x)",
+    )
   finally:
     for server in servers.values():
       server.stop()
 
 
-def _report(rates: dict[str, list[float]], p50_us: dict[str, float], errors: int) -> None:
+def report(
+  rates: dict[str, list[float]],
+  p50_us: dict[str, float],
+  footer: str,
+  *,
+  column: str = "server",
+  baseline: str = "plain",
+) -> None:
+  """Markdown tables: median throughput of each `column` (server or path) over the rounds and
+  its p50 at concurrency 1, both against `baseline`; then `footer`."""
   median = {name: statistics.median(r) for name, r in rates.items()}
   print(f"\nThroughput, {_IN_FLIGHT.value} one-row requests in flight (requests/s, median of")
   print(f"{_ROUNDS.value} alternating rounds of {FLAGS.seconds:g} s):\n")
-  print("| server | requests/s | / plain | rounds |")
+  print(f"| {column} | requests/s | / {baseline} | rounds |")
   print("|---|---|---|---|")
   for name, rate in median.items():
     rounds = ", ".join(f"{r:.0f}" for r in rates[name])
-    print(f"| {name} | {rate:.0f} | {rate / median['plain']:.3f} | {rounds} |")
+    print(f"| {name} | {rate:.0f} | {rate / median[baseline]:.3f} | {rounds} |")
   print("\np50 latency at concurrency 1 (us):\n")
-  print("| server | p50 us | vs plain |")
+  print(f"| {column} | p50 us | vs {baseline} |")
   print("|---|---|---|")
+  base = p50_us[baseline]
   for name, value in p50_us.items():
-    print(
-      f"| {name} | {value:.0f} | {value - p50_us['plain']:+.0f} us, {value / p50_us['plain']:.3f}x |"
-    )
-  print(f"\nerrors: {errors} (goals: policy/plain >= 0.95x, +<= 50 us p50; shadow p50 <= 1.05x)")
+    print(f"| {name} | {value:.0f} | {value - base:+.0f} us, {value / base:.3f}x |")
+  print(f"\n{footer}")
 
 
 if __name__ == "__main__":
