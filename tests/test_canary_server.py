@@ -8,9 +8,6 @@ synthetic logs and a fake clock are tests/test_canary.py."""
 import json
 import os
 import shutil
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -25,6 +22,7 @@ from mlops import (
   rollout,
 )
 from tests.helpers import model_server, shadow_models
+from tests.helpers.load import Load
 
 
 @pytest.fixture(scope="module")
@@ -92,41 +90,6 @@ def served(store, tmp_path_factory):
       "out": str(root / "report"),
     }
     yield server
-
-
-class Load:
-  """Two client threads sending REST Predicts (a new x-user-id and x-request-id each) until
-  stopped; `failed` holds the request ids of non-200 answers."""
-
-  def __init__(self, server, tag: str):
-    self.url = f"{server.url}/v1/models/digits:predict"
-    self.body = json.dumps({"instances": model_server.digits_pixels(2).tolist()}).encode()
-    self.tag = tag
-    self.sent, self.failed = [0, 0], []
-    self.stop = threading.Event()
-    self.threads = [threading.Thread(target=self._send, args=(t,)) for t in range(2)]
-
-  def _send(self, thread: int) -> None:
-    while not self.stop.is_set():
-      self.sent[thread] += 1
-      request_id = f"{self.tag}-{thread}-{self.sent[thread]}"
-      headers = {"x-user-id": request_id, "x-request-id": request_id}
-      request = urllib.request.Request(self.url, self.body, headers, method="POST")
-      try:
-        with urllib.request.urlopen(request, timeout=30):
-          pass
-      except urllib.error.HTTPError:
-        self.failed.append(request_id)
-
-  def __enter__(self):
-    for thread in self.threads:
-      thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.stop.set()
-    for thread in self.threads:
-      thread.join(timeout=60)
 
 
 def _logged_arms(logs_dir: str) -> dict[str, tuple[str, int]]:

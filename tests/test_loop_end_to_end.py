@@ -7,10 +7,10 @@ the real pipeline, which retrains on the new data (--data + --include_feedback_l
 First a retrain that cannot learn (learning rate 1e-9): its gate fails, `production` and the
 server stay at v1, and the next watch pass on the same labelled rows starts no second retrain
 (no flapping). Then new labelled traffic arrives and a retrain with the normal config passes
-its gate and is promoted with --promote=direct: `production` is v3 in MLflow, in the model
-config and on the server, which answers `production` Predicts with v3. The canary path is
-tests/test_canary_server.py: driving it here would add max_weight / step_weight intervals of
-sustained traffic to a test already spending its time on three trainings."""
+its gate and goes through --promote=canary: the real controller splits live drifted traffic
+between v1 and v3, judges v3 on it (the feedback labels included) and promotes it: `production`
+is v3 in MLflow, in the model config and on the server, which answers `production` Predicts
+with v3. The controller's failure paths are tests/test_canary_server.py."""
 
 import json
 import os
@@ -21,11 +21,48 @@ import pytest
 
 pytest.importorskip("tensorflow_serving", reason="the model server needs TF Serving's protos")
 
-from mlops import pipeline_guards, pipeline_run, pipeline_watch, registry_serving, registry_store
+from mlops import (
+  canary_traffic,
+  pipeline_guards,
+  pipeline_run,
+  pipeline_watch,
+  registry_audit,
+  registry_serving,
+  registry_store,
+)
 from tests.helpers import model_server, pipeline_gates
+from tests.helpers.load import Load
 
 NAME = "loop_digits"  # The session's throwaway store (conftest) holds other tests' models.
 STEPS = ("--config.train.num_steps=60", "--noconfig.tracking.report")
+# One interval at 50% promotes. A retrain on drifted inputs is meant to answer differently from
+# v1, so the class-histogram divergence is no reason to roll back here (--max_divergence=1): the
+# candidate is judged on its errors and on the accuracy of the live feedback labels.
+CANARY_FLAGS = (
+  "--step_weight=50",
+  "--max_weight=50",
+  "--interval_s=2",
+  "--threshold=3",
+  "--min_requests=10",
+  "--settle_s=0.3",
+  "--max_intervals=6",
+  "--max_latency_ratio=50",  # p99 of a few dozen requests on 2 shared cores is noise.
+  "--max_divergence=1",
+)
+# One interval at 50% promotes. A retrain on drifted inputs is meant to answer differently from
+# v1, so the class-histogram divergence is not a reason to roll back here (--max_divergence=1):
+# the candidate is judged on errors and on the live feedback labels' accuracy.
+CANARY_FLAGS = (
+  "--step_weight=50",
+  "--max_weight=50",
+  "--interval_s=2",
+  "--threshold=3",
+  "--min_requests=10",
+  "--settle_s=0.3",
+  "--max_intervals=6",
+  "--max_latency_ratio=50",  # p99 of ~20 requests on 2 shared cores is noise.
+  "--max_divergence=1",
+)
 
 
 def _drift(images: np.ndarray) -> np.ndarray:
@@ -79,6 +116,11 @@ def _traffic(server, rows: np.ndarray, labels: np.ndarray, tag: str) -> None:
       _post(server, f"/v1/models/{NAME}/feedback", feedback)
 
 
+def _canary_weight(traffic_file: str) -> int:
+  with open(traffic_file) as f:
+    return canary_traffic.canary_weight(json.load(f), NAME, "canary")
+
+
 def _answering_version(server) -> int:
   """The version that answers a gRPC Predict for `production`."""
   request = model_server.predict_request(
@@ -108,8 +150,9 @@ def loop(tmp_path, monkeypatch):
   )
   first = pipeline_run.run_pipeline(options)
   assert (first.outcome, first.version) == ("promoted", 1), first.message
-  logs, config = tmp_path / "logs", tmp_path / "models.config"
+  logs, config, traffic = tmp_path / "logs", tmp_path / "models.config", tmp_path / "traffic.json"
   logs.mkdir()
+  traffic.write_text('{"models": {}}')
   entry = (
     f"model_config_list {{ config {{ name: '{NAME}' base_path: '{base}' "
     f"model_platform: 'tensorflow' logging_config {{ log_collector_config "
@@ -118,10 +161,16 @@ def loop(tmp_path, monkeypatch):
   config.write_text(
     registry_serving.with_label(entry, str(config), NAME, str(base), "production", 1)
   )
-  args = [*model_server.QUICK_ARGS, f"--model_config_file={config}"]
+  args = [
+    *model_server.QUICK_ARGS,
+    f"--model_config_file={config}",
+    f"--traffic_config_file={traffic}",
+    "--traffic_config_file_poll_wait_seconds=0.1",
+  ]
   server = model_server.Server(args, str(tmp_path / "server.log"), model_name=NAME, base=str(base))
   with server:
-    yield server, {"options": options, "logs": str(logs), "config": str(config)}, rows, labels
+    paths = {"options": options, "logs": str(logs), "config": str(config), "traffic": str(traffic)}
+    yield server, paths, rows, labels
 
 
 def test_drift_retrains_rejects_a_worse_model_once_then_promotes_a_better_one(loop, tmp_path):
@@ -149,6 +198,10 @@ def test_drift_retrains_rejects_a_worse_model_once_then_promotes_a_better_one(lo
       "feedback": watch.feedback,
       "model_config_file": paths["config"],
       "server": grpc,
+      "promote": "canary",
+      "canary_logs": paths["logs"],
+      "traffic_config_file": paths["traffic"],
+      "canary_flags": CANARY_FLAGS,
     }
   )
   results, lines = [], []
@@ -171,14 +224,31 @@ def test_drift_retrains_rejects_a_worse_model_once_then_promotes_a_better_one(lo
   feedback_rows = client.get_run(results[0].mlflow_run_id).data.tags
   assert feedback_rows["pipeline.step.validate"] == "rejected"
 
-  # New labelled traffic: the watch retrains with the normal config; the gate passes.
+  # New labelled traffic: the watch retrains with the normal config; the gate passes; the
+  # canary judges v3 on live drifted traffic with feedback labels and promotes it.
   _traffic(server, rows[300:450], labels[300:450], "b")
   once = pipeline_watch.WatchOptions(**{**watch.__dict__, "max_iterations": 1})
-  state = pipeline_watch.watch(once, retrain, run=run, report=lines.append)
+  live = Load(
+    server,
+    "live",
+    model=NAME,
+    rows=rows[450:].reshape(-1, 8, 8, 1),
+    labels=labels[450:],
+    rows_per_request=5,
+    when=lambda: _canary_weight(paths["traffic"]) > 0,
+  )
+  with live:
+    state = pipeline_watch.watch(once, retrain, run=run, report=lines.append)
   assert [(r.outcome, r.version) for r in results[1:]] == [("promoted", 3)], results[1].message
+  assert live.failed == [] and sum(live.sent) > 0
   with open(results[1].record_path) as f:
-    train_step = json.load(f)["steps"][0]
+    train_step, *_, promote_step = json.load(f)["steps"]
   assert train_step["feedback_rows"] == 450  # Every logged row with a label joined training.
+  assert (promote_step["step"], promote_step["policy"]) == ("promote", "canary"), promote_step
+  events = [e for e in registry_audit.read(retrain.export_base) if e.get("event") == "canary"]
+  assert [e["action"] for e in events] == ["start", "promote", "promoted"], events
+  verdicts = {c["name"]: c["verdict"] for c in events[1]["checks"]}
+  assert verdicts["accuracy"] == "pass" and verdicts["error_rate"] == "pass", verdicts
   assert state.blocked_at_labels is None and len(state.retrain_times) == 2
   assert registry_store.alias_version(client, NAME, "production") == 3
   assert registry_serving.served_version(grpc, NAME, "production") == 3
