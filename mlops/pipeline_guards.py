@@ -190,11 +190,13 @@ class PipelineLock:
   """A lock file `path` holding {"pid", "host", "started"}. `acquire` raises GuardError while
   another live process holds it; a holder on this host whose pid is gone is stale and taken
   over. A holder on another host cannot be checked: it is honoured (the error says how to
-  clear it). Use as a context manager; `release` removes the file only if it is still ours."""
+  clear it). Use as a context manager; `release` removes the file only if it is still ours.
+  `what` names the holder in the error (the canary controller takes one per model too)."""
 
-  def __init__(self, path: str, clock=time.time):
+  def __init__(self, path: str, clock=time.time, what: str = "a pipeline"):
     self.path = path
     self._clock = clock
+    self._what = what
     self._owner = {"pid": os.getpid(), "host": socket.gethostname()}
 
   def holder(self) -> dict | None:
@@ -220,7 +222,7 @@ class PipelineLock:
 
   def _held_message(self, holder: dict) -> str:
     return (
-      f"a pipeline is already running (pid {holder['pid']} on {holder.get('host')}, "
+      f"{self._what} is already running (pid {holder['pid']} on {holder.get('host')}, "
       f"since {holder.get('started')}; lock {self.path}); wait for it, or remove the lock "
       "if that process is gone"
     )

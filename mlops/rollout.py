@@ -16,7 +16,8 @@ GRPCRoute). Apply with `kubectl apply -f DIR`. A mesh split is per request, not 
 `canary` runs the metric-driven canary controller (mlops/canary.py, Flagger's semantics): the
 canary label moves to the gated candidate, its split weight rises by --step_weight every
 interval while canary-vs-stable checks on that interval's prediction logs pass, and it is
-promoted (production moves) at --max_weight or rolled back at --threshold failed checks.
+promoted (production moves) at --max_weight or rolled back at --threshold failed checks. One
+controller runs per model at a time (`EXPORT_BASE/canary.lock`); a second one exits 1.
 
 Exit status 0 with the files written (`canary`: promoted), 2 when a canary was rolled back,
 1 with one `error: ...` line on bad input (nothing moved).
@@ -35,6 +36,8 @@ from absl import flags
 
 from mlops import rollout_manifests
 from mlops.rollout_manifests import ManifestError, RolloutSpec
+
+CANARY_LOCK = "canary.lock"  # In the model's export base, beside registry_audit.jsonl.
 
 
 def _manifest_flags() -> flags.FlagValues:
@@ -171,7 +174,14 @@ def _canary_spec(fv: flags.FlagValues):
 
 def canary_main(argv: list[str]) -> int:
   """`rollout canary`: 0 promoted, 2 rolled back; raises CanaryError and friends on bad input."""
-  from mlops import canary, canary_registry, canary_report, canary_traffic, registry_store
+  from mlops import (
+    canary,
+    canary_registry,
+    canary_report,
+    canary_traffic,
+    pipeline_guards,
+    registry_store,
+  )
 
   fv = _canary_flags()
   rest = fv(argv)
@@ -204,7 +214,12 @@ def canary_main(argv: list[str]) -> int:
     canary.log_measure(fv.logs, spec, fv.feedback),
     on_update=on_update,
   )
-  outcome = controller.run()
+  # Two controllers on one model would fight over its weights and labels: one at a time, per
+  # model (the lock sits beside the registry audit log; a crashed controller's lock is stale).
+  with pipeline_guards.PipelineLock(
+    os.path.join(rollout.export_base, CANARY_LOCK), what=f"a canary of {spec.name}"
+  ):
+    outcome = controller.run()
   print(
     f"{spec.name} version {spec.candidate} (stable {stable}): {outcome.result.replace('_', ' ')} "
     f"after {len(outcome.intervals)} intervals ({outcome.reason}); report {out}/canary.md"
@@ -230,10 +245,11 @@ def _canary_errors() -> tuple[type[Exception], ...]:
   """Bad-input errors of the canary's layers (one `error:` line each)."""
   from mlops.canary import CanaryError
   from mlops.canary_traffic import TrafficFileError
+  from mlops.pipeline_guards import GuardError
   from mlops.prediction_log import LogError
   from mlops.registry_store import RegistryError
 
-  return (CanaryError, TrafficFileError, LogError, RegistryError, TimeoutError)
+  return (CanaryError, TrafficFileError, LogError, RegistryError, TimeoutError, GuardError)
 
 
 def main(argv: list[str]) -> int:

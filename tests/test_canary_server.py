@@ -8,6 +8,8 @@ synthetic logs and a fake clock are tests/test_canary.py."""
 import json
 import os
 import shutil
+import socket
+import subprocess
 
 import pytest
 
@@ -181,6 +183,26 @@ def test_bad_input_moves_nothing(served, capsys):
     == 1
   )
   assert "not a registered model" in capsys.readouterr().err
+  assert _state(served) == before and not _canary_events(served)
+
+
+def test_a_second_controller_on_the_same_model_moves_nothing(served, capsys):
+  """A controller whose lock another live process holds (a canary of the same model elsewhere)
+  exits 1 naming the holder and leaves the lock and every label as they were."""
+  before = _state(served)
+  lock = os.path.join(served.paths["base"], rollout.CANARY_LOCK)
+  holder = subprocess.Popen(["sleep", "60"])
+  try:
+    with open(lock, "w") as f:
+      json.dump({"pid": holder.pid, "host": socket.gethostname(), "started": 0}, f)
+    assert _canary_cli(served, 2) == 1
+    err = capsys.readouterr().err
+    assert f"error: a canary of digits is already running (pid {holder.pid}" in err, err
+    assert "Traceback" not in err and os.path.exists(lock)
+  finally:
+    holder.kill()
+    holder.wait()
+    os.remove(lock)
   assert _state(served) == before and not _canary_events(served)
 
 
