@@ -2,6 +2,7 @@
 stable=1 and canary=2), the router in front with a 50/50 sticky split, a 100% mirror to canary
 and a prediction log. The response's model_spec.version tells which arm served."""
 
+import collections
 import json
 import os
 import subprocess
@@ -279,3 +280,46 @@ def test_without_a_model_config_the_traffic_configs_labels_are_taken_and_still_c
   assert policy.split_for("digits").labels == ("stable", "canary")  # The previous policy stays.
   with pytest.raises(traffic.TrafficConfigError, match="not JSON"):
     policy.apply("{", "t")
+
+
+def test_the_clients_deadline_bounds_the_forwarded_call():
+  """The router forwards with what is left of the client's deadline (never more than
+  --backend_timeout_seconds), and a request whose deadline passed is not sent at all."""
+  import time
+
+  from serving.router import backend as router_backend
+  from serving.server import grpc_api
+  from serving.server.errors import ServingError
+
+  timeouts = []
+
+  def rpc(request, timeout, metadata):
+    timeouts.append(timeout)
+    return request
+
+  forwarder = router_backend.Backend("127.0.0.1:1", timeout_seconds=30.0)
+  assert forwarder.call(rpc, "r", "id", time.monotonic() + 2.0) == "r"
+  assert 1.0 < timeouts[-1] <= 2.0
+  forwarder.call(rpc, "r", "id")
+  assert timeouts[-1] == 30.0
+  forwarder.call(rpc, "r", "id", time.monotonic() + 100.0)
+  assert timeouts[-1] == 30.0
+  with pytest.raises(ServingError) as failed:
+    forwarder.call(rpc, "r", "id", time.monotonic() - 0.1)
+  assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(timeouts) == 3
+  forwarder.close()
+
+  class Call:  # The servicer context's two methods the server reads.
+    def __init__(self, remaining):
+      self.remaining = remaining
+
+    def invocation_metadata(self):
+      return [collections.namedtuple("Metadatum", "key value")("x-user-id", "u")]
+
+    def time_remaining(self):
+      return self.remaining
+
+  with_deadline = grpc_api._caller(Call(5.0))
+  assert with_deadline["headers"] == {"x-user-id": "u"}
+  assert 4.0 < with_deadline["deadline"] - time.monotonic() <= 5.0
+  assert grpc_api._caller(Call(None))["deadline"] is None

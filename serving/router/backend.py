@@ -61,12 +61,22 @@ class Backend:
     self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
     self.model = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
-  def call(self, rpc, request, request_id: str):
-    """`rpc(request)` on the backend; raises ServingError with the backend's status code."""
+  def call(self, rpc, request, request_id: str, deadline: float | None = None):
+    """`rpc(request)` on the backend; raises ServingError with the backend's status code.
+
+    `deadline` (a `time.monotonic()` instant: the client's own deadline) shortens the call's
+    timeout to what the client has left; one already past fails DEADLINE_EXCEEDED unsent."""
+    timeout = self.timeout_seconds
+    if deadline is not None:
+      timeout = min(timeout, deadline - time.monotonic())
+      if timeout <= 0:
+        raise ServingError(
+          grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed before forwarding"
+        )
     try:
       return rpc(
         request,
-        timeout=self.timeout_seconds,
+        timeout=timeout,
         metadata=[(request_context.REQUEST_ID_HEADER, request_id)] if request_id else None,
       )
     except grpc.RpcError as e:
@@ -112,8 +122,12 @@ class RouterHandlers:
       return spec.label
     return self.context.route(spec.version, spec.label)
 
-  def _request_id(self) -> str:
-    return self.context.request_id if self.context is not None else ""
+  def _forward(self, rpc, request):
+    """`rpc(request)` on the backend with this request's id and the client's deadline."""
+    context = self.context
+    if context is None:
+      return self.backend.call(rpc, request, "")
+    return self.backend.call(rpc, request, context.request_id, context.deadline)
 
   def predict(self, spec: ModelSpec, inputs, output_filter=()) -> Prediction:
     """Forwards a Predict. `inputs`: arrays by name, or a function of the signature that
@@ -126,7 +140,7 @@ class RouterHandlers:
     request.output_filter.extend(output_filter)
     for name, value in inputs.items():
       tensors.fill_tensor_proto(request.inputs[name], value)
-    response = self.backend.call(self.backend.prediction.Predict, request, self._request_id())
+    response = self._forward(self.backend.prediction.Predict, request)
     outputs = {name: tensors.to_ndarray(proto) for name, proto in response.outputs.items()}
     served = _served(response.model_spec)
     if self.context is not None:
@@ -141,7 +155,7 @@ class RouterHandlers:
     request = classification_pb2.ClassificationRequest()
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
-    response = self.backend.call(self.backend.prediction.Classify, request, self._request_id())
+    response = self._forward(self.backend.prediction.Classify, request)
     return self._result(response)
 
   def regress(self, spec: ModelSpec, examples) -> Result:
@@ -149,7 +163,7 @@ class RouterHandlers:
     request = regression_pb2.RegressionRequest()
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
-    response = self.backend.call(self.backend.prediction.Regress, request, self._request_id())
+    response = self._forward(self.backend.prediction.Regress, request)
     return self._result(response)
 
   def _result(self, response) -> Result:
@@ -172,7 +186,7 @@ class RouterHandlers:
     request.model_spec.ClearField("signature_name")
     request.metadata_field.extend(fields)
     rpc = self.backend.prediction.GetModelMetadata
-    return self.backend.call(rpc, request, self._request_id())
+    return self._forward(rpc, request)
 
   def _signature(self, spec: ModelSpec, label: str) -> SignatureInfo:
     """The signature a REST request decodes against, from the backend's metadata of the
@@ -202,7 +216,7 @@ class RouterHandlers:
     request = get_model_status_pb2.GetModelStatusRequest()
     _fill_spec(request.model_spec, spec, spec.label)
     request.model_spec.ClearField("signature_name")
-    response = self.backend.call(self.backend.model.GetModelStatus, request, self._request_id())
+    response = self._forward(self.backend.model.GetModelStatus, request)
     return [
       VersionStatus(s.version, _STATES.Name(s.state), s.status.error_message)
       for s in response.model_version_status

@@ -7,6 +7,7 @@ the one request path (handlers.RequestPath) and encodes the Outcome.
 
 from __future__ import annotations
 
+import time
 from concurrent import futures
 
 import grpc
@@ -56,9 +57,15 @@ def _fill_model_spec(model_spec, served) -> None:
     model_spec.signature_name = served.signature_name
 
 
-def _headers(context) -> dict[str, str]:
-  """The call's metadata by (lower-case) key; binary (`-bin`) entries are left out."""
-  return {m.key: m.value for m in context.invocation_metadata() if not m.key.endswith("-bin")}
+def _caller(context) -> dict:
+  """`RequestPath.serve`'s `headers` (the call's metadata by lower-case key, binary `-bin`
+  entries left out) and `deadline` (the client's, as a time.monotonic() instant, or None)."""
+  headers = {m.key: m.value for m in context.invocation_metadata() if not m.key.endswith("-bin")}
+  remaining = context.time_remaining()
+  return {
+    "headers": headers,
+    "deadline": None if remaining is None else time.monotonic() + remaining,
+  }
 
 
 def _answer(outcome: Outcome, context):
@@ -88,7 +95,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, prediction.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Predict", spec, predict, _headers(context)), context)
+    return _answer(self.path.serve("grpc", "Predict", spec, predict, **_caller(context)), context)
 
   def Classify(self, request, context):
     def classify(handlers):
@@ -99,7 +106,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Classify", spec, classify, _headers(context)), context)
+    return _answer(self.path.serve("grpc", "Classify", spec, classify, **_caller(context)), context)
 
   def Regress(self, request, context):
     def regress(handlers):
@@ -110,7 +117,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       return Reply(response, answer.served)
 
     spec = _spec(request.model_spec)
-    return _answer(self.path.serve("grpc", "Regress", spec, regress, _headers(context)), context)
+    return _answer(self.path.serve("grpc", "Regress", spec, regress, **_caller(context)), context)
 
   def GetModelMetadata(self, request, context):
     def metadata(handlers):
@@ -122,7 +129,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     spec = _spec(request.model_spec)
     return _answer(
-      self.path.serve("grpc", "GetModelMetadata", spec, metadata, _headers(context)), context
+      self.path.serve("grpc", "GetModelMetadata", spec, metadata, **_caller(context)), context
     )
 
 
@@ -142,7 +149,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     spec = _spec(request.model_spec)
     return _answer(
-      self.path.serve("grpc", "GetModelStatus", spec, status, _headers(context)), context
+      self.path.serve("grpc", "GetModelStatus", spec, status, **_caller(context)), context
     )
 
   def HandleReloadConfigRequest(self, request, context):

@@ -271,13 +271,16 @@ class RequestPath:
     spec: ModelSpec,
     work: Callable[[RequestHandlers], Reply[R]],
     headers: Mapping[str, str] | None = None,
+    deadline: float | None = None,
   ) -> Outcome[R]:
     """Runs `work(handlers)` for the request `method` of `api` ("grpc", "rest") on `spec`
     (decoding and encoding included, so a malformed request is counted too). `headers`: the
-    request's gRPC metadata or HTTP headers (`get` by lower-case name). Never raises."""
+    request's gRPC metadata or HTTP headers (`get` by lower-case name); `deadline`: the
+    client's, as a time.monotonic() instant (the router forwards it). Never raises."""
     start_us = time.time_ns() // 1000
     start = time.perf_counter()
     context = RequestContext(request_context.request_id(headers), headers or {})
+    context.deadline = deadline
     if self.traffic is not None and method in ROUTED_METHODS:
       context.split = self.traffic.split_for(spec.name)
     value = served = None

@@ -40,6 +40,7 @@ class RequestContext:
   inputs: Mapping[str, np.ndarray] | None = None
   outputs: Mapping[str, np.ndarray] | None = None
   version: int | None = None  # The version that served (or was resolved for) the request.
+  deadline: float | None = None  # The client's deadline (time.monotonic()), when it set one.
 
   def route(self, version: int | None, label: str) -> str:
     """The label that serves a request asking for `version` / `label` (recorded in `label`):
