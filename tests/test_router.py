@@ -192,6 +192,29 @@ def test_classify_is_split_and_forwarded(routed):
     assert response.result == backend.predict_stub.Classify(direct, timeout=30).result
 
 
+def test_rest_classify_is_split_and_forwarded(routed):
+  router, backend, _ = routed
+  body = {
+    "signature_name": "classify",
+    "examples": [{"inputs": row} for row in model_server.digits_pixels(3).tolist()],
+  }
+  for arm in LABELS:
+    key = next(k for k in (f"r{i}" for i in range(100)) if _expected_arm(k) == arm)
+    request = urllib.request.Request(
+      f"{router.url}/v1/models/digits:classify", json.dumps(body).encode(), {"x-user-id": key}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+      assert answer.headers["x-arm"] == arm
+      routed_result = json.loads(answer.read())
+    status, direct = backend.request(
+      "POST", f"/v1/models/digits/labels/{arm}:classify", json.dumps(body).encode()
+    )
+    assert status == 200 and routed_result == direct, (routed_result, direct)
+  body["examples"] = [{"inputs": "not numbers"}]
+  status, answer = router.request("POST", "/v1/models/digits:classify", json.dumps(body).encode())
+  assert status == 400 and "inputs" in answer["error"], answer
+
+
 def _one_arm(label: str) -> str:
   return json.dumps({"models": {"digits": {"split": {"arms": [{"label": label, "weight": 100}]}}}})
 

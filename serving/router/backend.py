@@ -151,7 +151,7 @@ class RouterHandlers:
     return Prediction(served, outputs)
 
   def classify(self, spec: ModelSpec, examples) -> Result:
-    """Forwards a Classify; `examples` an input_pb2.Input (gRPC; REST is not forwarded)."""
+    """Forwards a Classify; `examples` an input_pb2.Input, or REST JSON (see _examples)."""
     request = classification_pb2.ClassificationRequest()
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
@@ -159,7 +159,7 @@ class RouterHandlers:
     return self._result(response)
 
   def regress(self, spec: ModelSpec, examples) -> Result:
-    """Forwards a Regress; `examples` an input_pb2.Input (gRPC; REST is not forwarded)."""
+    """Forwards a Regress; `examples` an input_pb2.Input, or REST JSON (see _examples)."""
     request = regression_pb2.RegressionRequest()
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
@@ -241,12 +241,10 @@ class RouterHandlers:
 
 
 def _examples(examples):
-  if callable(examples):  # REST Classify/Regress: needs the backend's parsed features.
-    raise ServingError(
-      grpc.StatusCode.UNIMPLEMENTED,
-      "the router forwards Classify and Regress over gRPC only; use the gRPC API",
-    )
-  return examples
+  """The Input proto of a Classify/Regress. REST JSON is converted by TF Serving's own rule (3
+  an int64 feature, 3.0 a float one): the router cannot read the backend's parse spec, by which
+  the server itself also takes JSON integers into float features."""
+  return examples({}) if callable(examples) else examples
 
 
 class BackendShadowRunner(shadow.ShadowRunner):
