@@ -17,7 +17,7 @@ The three variants, run once per repeat, interleaved so that drift in machine sp
     over batches pre-built as numpy arrays, `jax.device_put` each step, timed after one warmup
     step up to `block_until_ready`;
   * diagnostic: the minimal loop around the trainer's own jitted step
-    (`build_experiment(...).train_step`): what the step's extra metrics cost, and, against the
+    (`build_experiment(...).loop_step`): what the step's extra metrics cost, and, against the
     trainer, what everything around the step costs.
 It also times the trainer's input pipeline alone (no training), in batches/s.
 
@@ -213,7 +213,7 @@ def variant_runners(setup: Setup, tmp_root: str) -> dict[str, Callable[[], float
   def minimal_trainer_step() -> float:
     experiment = train.build_experiment(config)
     state = experiment.init_state(jax.random.PRNGKey(config.seed))
-    return harness.time_loop(experiment.train_step, state, batches, config.train.num_steps)
+    return harness.time_loop(experiment.loop_step, state, batches, config.train.num_steps)
 
   return {
     "trainer": lambda: harness.run_trainer(config, tmp_root).steps_per_sec,

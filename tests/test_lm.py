@@ -274,7 +274,7 @@ def test_no_recompilation_after_the_first_step(tmp_path):
   assert result.step == 6
   # The loop's own jitted steps compiled once each, through 6 steps, 2 evals, 3 saves and
   # the final test eval (same shapes): nothing retraced.
-  assert experiment.train_step._cache_size() == 1
+  assert experiment.loop_step._cache_size() == 1
   assert experiment.eval_step._cache_size() == 1
 
 

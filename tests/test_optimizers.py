@@ -121,3 +121,42 @@ def test_bfloat16_compute_keeps_float32_parameters(smoke_config):
   experiment = train.build_experiment(smoke_config, jax.devices()[:1])
   hlo = experiment.train_step.lower(experiment.abstract_state, batch).as_text()
   assert "bf16" in hlo
+
+
+def test_the_loops_packed_step_matches_the_step_and_its_metrics_summarize(smoke_config):
+  """`loop_step` (what the loop runs) is `train_step` with its metrics as one vector in the
+  order of `metric_names`; StepMetrics averages those vectors per name and names the first
+  step whose loss or gradient norm is not finite."""
+  from trainer.errors import NonFiniteError
+  from trainer.metrics import StepMetrics
+
+  smoke_config.optim.warmup_steps = 0
+  experiment = train.build_experiment(smoke_config, jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  batch = {
+    "inputs": jnp.asarray(rng.uniform(0, 16, (32, 8, 8, 1)), jnp.float32),
+    "labels": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+  }
+  init = lambda: experiment.init_state(jax.random.PRNGKey(0))  # noqa: E731
+  _, by_name = experiment.train_step(init(), batch)
+  state, packed = experiment.loop_step(init(), batch)
+  assert set(by_name) == set(experiment.metric_names) and packed.shape == (len(by_name),)
+  expected = [float(by_name[name]) for name in experiment.metric_names]
+  np.testing.assert_allclose(np.asarray(packed), expected, rtol=1e-6)
+
+  metrics = StepMetrics(experiment.metric_names, at_last_step=("train/learning_rate",))
+  _, second = experiment.loop_step(state, batch)
+  metrics.append(1, packed)
+  metrics.append(2, second)
+  summary = metrics.summarize()
+  assert list(summary) == list(experiment.metric_names)
+  loss = experiment.metric_names.index("train/loss")
+  assert summary["train/loss"] == pytest.approx((packed[loss] + second[loss]) / 2, rel=1e-6)
+  rate = experiment.metric_names.index("train/learning_rate")
+  assert summary["train/learning_rate"] == pytest.approx(float(second[rate]))
+  assert metrics.summarize() == {}  # Cleared.
+
+  metrics.append(7, packed)
+  metrics.append(8, packed.at[experiment.metric_names.index("train/grad_norm")].set(jnp.nan))
+  with pytest.raises(NonFiniteError, match=r"'train/grad_norm': nan.* at step 8"):
+    metrics.summarize()

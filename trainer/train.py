@@ -80,7 +80,12 @@ class Experiment:
   state_shardings: TrainState
   batch_sharding: NamedSharding
   init_state: Callable[[jax.Array], TrainState]
+  # (state, batch) -> (state, metrics by name): one step, for callers outside the loop.
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  # The same step with its metrics packed as one vector in the order of `metric_names`
+  # (steps.pack_metrics): what the training loop runs.
+  loop_step: Callable[[TrainState, dict], tuple[TrainState, jax.Array]]
+  metric_names: tuple[str, ...]
   eval_step: Callable[[TrainState, dict], dict]
   # Analytic training FLOPs per step (language models), for perf/mfu; None when unknown.
   flops_per_step: float | None
@@ -155,6 +160,13 @@ def build_experiment(
     ema_decay=config.optim.ema_decay,
   )
   eval_step = steps.make_eval_step(model, task)
+  metric_names = steps.train_metric_names(task)
+  jit_step = functools.partial(
+    jax.jit,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
   return Experiment(
     config=config,
     mesh=mesh,
@@ -170,12 +182,9 @@ def build_experiment(
       in_shardings=replicated,
       out_shardings=state_shardings,
     ),
-    train_step=jax.jit(
-      train_step,
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,),
-    ),
+    train_step=jit_step(train_step),
+    loop_step=jit_step(steps.pack_metrics(train_step, metric_names)),
+    metric_names=metric_names,
     eval_step=jax.jit(
       eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
     ),
@@ -364,7 +373,7 @@ class _TrainLoop:
     self.checkpointer = checkpointer
     self.writer = writer
     self.start_step = start_step
-    self.step_metrics = StepMetrics()
+    self.step_metrics = StepMetrics(experiment.metric_names)
     self.progress = ProgressLogger(
       self.config.train.num_steps, start_step, enabled=jax.process_index() == 0
     )
@@ -398,7 +407,7 @@ class _TrainLoop:
       while step < num_steps:
         batch = progress.next_batch(data_iterator, step + 1)
         with progress.stage("compile" if step == self.start_step else "step dispatch"):
-          state, metrics = self.experiment.train_step(state, batch)
+          state, metrics = self.experiment.loop_step(state, batch)
         step += 1
         progress.dispatched(step, metrics)  # Bounds the steps in flight (trainer/watchdog.py).
         self.step_metrics.append(step, metrics)
