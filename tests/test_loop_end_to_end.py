@@ -49,20 +49,6 @@ CANARY_FLAGS = (
   "--max_latency_ratio=50",  # p99 of a few dozen requests on 2 shared cores is noise.
   "--max_divergence=1",
 )
-# One interval at 50% promotes. A retrain on drifted inputs is meant to answer differently from
-# v1, so the class-histogram divergence is not a reason to roll back here (--max_divergence=1):
-# the candidate is judged on errors and on the live feedback labels' accuracy.
-CANARY_FLAGS = (
-  "--step_weight=50",
-  "--max_weight=50",
-  "--interval_s=2",
-  "--threshold=3",
-  "--min_requests=10",
-  "--settle_s=0.3",
-  "--max_intervals=6",
-  "--max_latency_ratio=50",  # p99 of ~20 requests on 2 shared cores is noise.
-  "--max_divergence=1",
-)
 
 
 def _drift(images: np.ndarray) -> np.ndarray:
