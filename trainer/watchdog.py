@@ -22,14 +22,13 @@ second, then dumps every thread's stack and exits with status 1.
 from __future__ import annotations
 
 import collections
-import contextlib
 import faulthandler
 import os
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -71,6 +70,23 @@ class InFlightWindow:
     tag, outputs = self._pending.popleft()
     jax.block_until_ready(outputs)
     return tag
+
+
+class _Stage:
+  """StepWatchdog.stage's context manager. A class rather than a contextlib generator: the loop
+  enters four stages a step, at ~0.6 us each instead of ~3.6 us."""
+
+  __slots__ = ("_name", "_previous", "_watchdog")
+
+  def __init__(self, watchdog: StepWatchdog, name: str):
+    self._watchdog, self._name = watchdog, name
+
+  def __enter__(self) -> None:
+    self._previous = self._watchdog._stage
+    self._watchdog._set_stage(self._name)
+
+  def __exit__(self, *exc) -> None:
+    self._watchdog._set_stage(self._previous)
 
 
 class StepWatchdog:
@@ -119,15 +135,10 @@ class StepWatchdog:
       return self._floor_s
     return max(self._floor_s, _STEP_TIME_MULTIPLE * self._step_time)
 
-  @contextlib.contextmanager
-  def stage(self, name: str) -> Iterator[None]:
-    """Marks the loop as being in stage `name` (entering and leaving a stage count as progress)."""
-    previous = self._stage
-    self._set_stage(name)
-    try:
-      yield
-    finally:
-      self._set_stage(previous)
+  def stage(self, name: str) -> _Stage:
+    """`with stage(name)`: marks the loop as being in stage `name` (entering and leaving a stage
+    count as progress), then restores the stage it was in."""
+    return _Stage(self, name)
 
   def next_batch(self, iterator, step: int):
     """`next(iterator)` for step `step`, in the `input` stage."""
