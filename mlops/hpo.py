@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, config_arg: str) -> list[str]:
   )
   storage = hpo_study.open_storage(_STORAGE.value, _HEARTBEAT.value)
   direction = "maximize" if search.maximize else "minimize"
-  study = hpo_study.create_or_load_study(_STUDY.value, storage, sampler, pruner, direction)
+  study, created = hpo_study.create_or_load_study(_STUDY.value, storage, sampler, pruner, direction)
   os.makedirs(search.study_dir, exist_ok=True)
   tracker = StudyTracker(
     config,
@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, config_arg: str) -> list[str]:
       _STUDY.value, _SAMPLER.value, _PRUNER.value, _SEED.value, hpo_study.redact(_STORAGE.value)
     ),
   )
-  tracker.start(study, storage)
+  tracker.start(study, storage, created=created)
   objective = make_objective(search, study, tracker)
   hpo_study.run_worker(
     study,

@@ -157,8 +157,11 @@ def grid_of(search_space_fn: Callable) -> dict[str, list]:
   return probe.grid
 
 
-def create_or_load_study(name: str, storage, sampler, pruner, direction: str) -> optuna.study.Study:
-  """The named study; raises ConfigError when it exists with another direction."""
+def create_or_load_study(
+  name: str, storage, sampler, pruner, direction: str
+) -> tuple[optuna.study.Study, bool]:
+  """(the named study, whether this call created it: of workers starting together exactly one
+  does); raises ConfigError when it exists with another direction."""
   try:
     existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
   except KeyError:
@@ -170,15 +173,14 @@ def create_or_load_study(name: str, storage, sampler, pruner, direction: str) ->
         f"study {name!r} in the storage already exists and {have}s, but this config "
         f"(config.eval.best_mode) wants to {direction}; use another --study name"
       )
-    return existing
-  return optuna.create_study(
-    study_name=name,
-    storage=storage,
-    sampler=sampler,
-    pruner=pruner,
-    direction=direction,
-    load_if_exists=True,  # Another worker may create it at the same moment.
-  )
+    return existing, False
+  try:
+    study = optuna.create_study(
+      study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction=direction
+    )
+  except optuna.exceptions.DuplicatedStudyError:  # Another worker created it just now.
+    return create_or_load_study(name, storage, sampler, pruner, direction)[0], False
+  return study, True
 
 
 @dataclasses.dataclass(frozen=True)

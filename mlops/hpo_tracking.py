@@ -20,6 +20,8 @@ from trainer import tracking
 _PARENT_ATTR = "mlflow_parent_run_id"
 # Tries at reaching the store when the worker starts.
 _START_ATTEMPTS = 3
+# How long a worker that did not create the study waits for its creator to name the parent run.
+_PARENT_WAIT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +51,17 @@ class StudyTracker:
         "MLflow (%s) failed to %s: %s; the search goes on.", self.settings.uri, what, error
       )
 
-  def start(self, study, storage) -> None:
-    """Finds or creates the study's parent run (the study's user attrs name it)."""
+  def start(self, study, storage, created: bool = True) -> None:
+    """Finds or creates the study's parent run (the study's user attrs name it).
+
+    Only the worker that `created` the study creates it: the others wait (up to
+    _PARENT_WAIT_S) for the study to name it, since a user attribute is last-writer-wins and
+    two workers that both create one cannot tell which the study keeps. A worker that waits in
+    vain (its creator tracks nothing, or died) creates one itself."""
     if not self.settings.enabled:
       return
+    if not created:
+      _wait_for_parent(study, storage)
     for attempt in range(_START_ATTEMPTS):
       if self._try_start(study, storage, last=attempt == _START_ATTEMPTS - 1):
         return
@@ -64,7 +73,7 @@ class StudyTracker:
 
       self._client = MlflowClient(tracking_uri=self.settings.uri)
       self.experiment_id = tracking.get_or_create_experiment(self._client, self.settings)
-      self.parent_run_id = study.user_attrs.get(_PARENT_ATTR)
+      self.parent_run_id = _reload_user_attrs(study, storage).get(_PARENT_ATTR)
       if self.parent_run_id is None:
         run = self._client.create_run(
           self.experiment_id, run_name=f"hpo-{self.lineage.study}", tags=self._tags()
@@ -134,6 +143,26 @@ class StudyTracker:
       self._client.set_terminated(self.parent_run_id, "FINISHED")
     except Exception as e:  # Store errors of any kind.
       self._warn("update the study's parent run", e)
+
+
+def _wait_for_parent(study, storage) -> None:
+  """Returns once the study names its parent run, or at once when no creator is about to: the
+  study already has trials (it was run untracked), the wait ran out, or the storage failed."""
+  deadline = time.monotonic() + _PARENT_WAIT_S
+  try:
+    while _PARENT_ATTR not in _reload_user_attrs(study, storage):
+      if study.trials:
+        return
+      if time.monotonic() > deadline:
+        logging.warning(
+          "Study %s names no MLflow parent run after %.0f s; this worker creates one.",
+          study.study_name,
+          _PARENT_WAIT_S,
+        )
+        return
+      time.sleep(0.25)
+  except Exception:  # Store errors of any kind: start() retries and warns.
+    return
 
 
 def _reload_user_attrs(study, storage) -> dict:

@@ -174,6 +174,34 @@ def test_a_pruned_trial_stops_at_once_with_its_checkpoint(tmp_path):
   assert run.data.tags["run.outcome"] == "stopped_by_callback"
 
 
+def test_workers_that_did_not_create_the_study_wait_for_its_parent_run(tmp_path):
+  """Study user attributes are last-writer-wins: a worker that did not create the study makes
+  no parent run of its own while the creator is about to name one, and then adopts it."""
+  import threading
+
+  config = smoke_config({"tracking.report": False})
+  storage = f"sqlite:///{tmp_path}/hpo.db"
+  study, was_created = hpo_study.create_or_load_study("w", storage, None, None, "maximize")
+  assert was_created is True
+  assert hpo_study.create_or_load_study("w", storage, None, None, "maximize")[1] is False
+  joiner = StudyTracker(config, Lineage("w", "tpe", "none", 0, storage))
+  waiting = threading.Thread(target=joiner.start, args=(study, storage), kwargs={"created": False})
+  waiting.start()
+  time.sleep(2.0)  # Far longer than creating a run takes.
+  client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+  experiment = client.get_experiment_by_name(config.tracking.experiment)
+  parents = lambda: client.search_runs(  # noqa: E731
+    [experiment.experiment_id] if experiment else [], filter_string="tags.`hpo.study` = 'w'"
+  )
+  assert waiting.is_alive() and not (experiment and parents())
+  creator = StudyTracker(config, Lineage("w", "tpe", "none", 0, storage))
+  creator.start(study, storage, created=True)
+  waiting.join(timeout=60)
+  assert not waiting.is_alive() and joiner.parent_run_id == creator.parent_run_id
+  experiment = client.get_experiment_by_name(config.tracking.experiment)
+  assert [r.info.run_id for r in parents()] == [creator.parent_run_id]
+
+
 def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
   storage = postgres.database("two_workers")
   args = [
