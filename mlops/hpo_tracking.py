@@ -61,7 +61,7 @@ class StudyTracker:
     if not self.settings.enabled:
       return
     if not created:
-      _wait_for_parent(study, storage)
+      _wait_for_parent(study)
     for attempt in range(_START_ATTEMPTS):
       if self._try_start(study, storage, last=attempt == _START_ATTEMPTS - 1):
         return
@@ -73,7 +73,7 @@ class StudyTracker:
 
       self._client = MlflowClient(tracking_uri=self.settings.uri)
       self.experiment_id = tracking.get_or_create_experiment(self._client, self.settings)
-      self.parent_run_id = _reload_user_attrs(study, storage).get(_PARENT_ATTR)
+      self.parent_run_id = study.user_attrs.get(_PARENT_ATTR)
       if self.parent_run_id is None:
         run = self._client.create_run(
           self.experiment_id, run_name=f"hpo-{self.lineage.study}", tags=self._tags()
@@ -145,12 +145,12 @@ class StudyTracker:
       self._warn("update the study's parent run", e)
 
 
-def _wait_for_parent(study, storage) -> None:
+def _wait_for_parent(study) -> None:
   """Returns once the study names its parent run, or at once when no creator is about to: the
   study already has trials (it was run untracked), the wait ran out, or the storage failed."""
   deadline = time.monotonic() + _PARENT_WAIT_S
   try:
-    while _PARENT_ATTR not in _reload_user_attrs(study, storage):
+    while _PARENT_ATTR not in study.user_attrs:  # Read from the storage on every access.
       if study.trials:
         return
       if time.monotonic() > deadline:
