@@ -116,9 +116,9 @@ def weights_from_traffic_config(path: str, model: str | None) -> dict[str, float
   return parse_weights(text)
 
 
-def _read(logs_dir: str, feedback: str | None):
+def _read(logs_dir: str, feedback: str | None, rpc: str):
   prediction_log.log_files(logs_dir)  # A missing directory fails before TensorFlow loads.
-  logs = prediction_log.read_logs(logs_dir)
+  logs = prediction_log.read_logs(logs_dir, rpc=rpc)
   if logs.num_records == 0:
     raise AbtestError(f"--logs={logs_dir} holds no complete record")
   primary = logs.select(logs.role == "primary")
@@ -193,14 +193,15 @@ def analyze(
   control: str | None = None,
   mde: float = 0.02,
   sequential: bool = False,
+  rpc: str = "Predict",
 ) -> AbtestResult:
-  """Reads the logs and computes every number of the report. Raises AbtestError or
-  prediction_log.LogError on bad input."""
+  """Reads the logs of `rpc` (prediction_log.read_logs) and computes every number of the
+  report. Raises AbtestError or prediction_log.LogError on bad input."""
   if metric not in METRICS:
     raise AbtestError(f"--metric={metric} is unknown; choose from {', '.join(METRICS)}")
   if not 0 < mde < 1:
     raise AbtestError(f"--mde={mde} must be an absolute change between 0 and 1, e.g. 0.02")
-  split, errors, labels, read = _read(logs_dir, feedback)
+  split, errors, labels, read = _read(logs_dir, feedback, rpc)
   seen = sorted(set(split.arm.tolist()) | set(errors))
   assumed = weights is None
   weights = weights or {a: 1.0 for a in seen}
@@ -260,6 +261,9 @@ def _flag_values(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   flags.DEFINE_string("control", None, "Control arm (default: first of --weights).", flag_values=fv)
   flags.DEFINE_float("mde", 0.02, "Minimum detectable (absolute) effect.", flag_values=fv)
   flags.DEFINE_bool("sequential", False, "Add the always-valid mSPRT.", flag_values=fv)
+  flags.DEFINE_enum(
+    "rpc", "Predict", list(prediction_log.RPCS), "Compare the records of this RPC.", flag_values=fv
+  )
   flags.DEFINE_string("out", None, "Report directory; default LOGS/abtest.", flag_values=fv)
   return fv, fv(argv)
 
@@ -287,6 +291,7 @@ def main(argv: list[str]) -> int:
       control=fv.control,
       mde=fv.mde,
       sequential=fv.sequential,
+      rpc=fv.rpc,
     )
     report = abtest_report.write(result, fv.out or os.path.join(fv.logs, "abtest"))
   except (AbtestError, prediction_log.LogError, flags.Error) as e:

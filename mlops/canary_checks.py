@@ -52,11 +52,16 @@ class ArmWindow:
   keys: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (request id, row)
 
 
-def _classes(outputs) -> list[int] | None:
-  """Predicted class per row: the `classes` output (first column), else the argmax of
-  `probabilities`/`logits`, else None (a model without classes gets no divergence check)."""
-  from serving.server import tensors
+def _classes(outputs, rpc: str = "Predict") -> list[int] | None:
+  """Predicted class per row: the `classes` output (first column; a Classify's top-scoring
+  label), else the argmax of `probabilities`/`logits`/`scores`, else None (a model without
+  classes gets no divergence check)."""
+  from serving.server import log_format, tensors
 
+  if rpc == "Classify":
+    arrays = {k: tensors.to_ndarray(outputs[k]) for k in ("classes", "scores") if k in outputs}
+    top = log_format.top_classes(arrays.get("classes"), arrays.get("scores"))
+    return top.tolist() if top is not None and top.dtype == np.int64 else None
   if "classes" in outputs:
     values = tensors.to_ndarray(outputs["classes"])
     return values.reshape(len(values), -1)[:, 0].astype(np.int64).tolist()
@@ -110,7 +115,7 @@ def _add(arm: ArmWindow, meta, outputs) -> None:
     arm.errors += 1
     return
   arm.latency_us.append(meta.latency_us)
-  classes = _classes(outputs)
+  classes = _classes(outputs, meta.rpc)
   if classes is not None:
     arm.classes.extend(classes)
     arm.keys.extend((meta.request_id, row) for row in range(len(classes)))

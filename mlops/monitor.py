@@ -97,10 +97,10 @@ class MonitorRun:
   report_path: str
 
 
-def _read(saved_model: str, profile: dict, logs_dir: str, name: str | None, all_versions: bool):
+def _read(saved_model: str, profile: dict, logs_dir: str, name, all_versions: bool, rpc: str):
   spec = profile["input"]
   schema = {spec["name"]: (spec["dtype"], tuple(spec["row_shape"]))}
-  logs = prediction_log.read_logs(logs_dir, model_name=name, input_schema=schema)
+  logs = prediction_log.read_logs(logs_dir, model_name=name, input_schema=schema, rpc=rpc)
   if logs.num_records == 0:
     raise MonitorError(f"--logs={logs_dir} holds no complete record")
   if len(logs) == 0:
@@ -112,7 +112,7 @@ def _read(saved_model: str, profile: dict, logs_dir: str, name: str | None, all_
       f"({spec['name']}: {spec['dtype']} {spec['row_shape']}); {reasons}"
     )
   version = os.path.basename(os.path.normpath(saved_model))
-  other = logs.other_model_records
+  other = logs.other_model_records + logs.other_rpc_records
   if not all_versions and version.isdigit() and (logs.version > 0).any():
     keep = (logs.version == int(version)) | (logs.version == 0)
     other += int((~keep).sum())
@@ -129,11 +129,13 @@ def run_monitor(
   name: str | None = None,
   feedback: str | None = None,
   all_versions: bool = False,
+  rpc: str = "Predict",
 ) -> MonitorRun:
-  """Judges the logs in `logs_dir` against the export's profile; writes monitor.json,
-  report.md and PNGs into `output_dir`. Raises MonitorError, ProfileError or LogError."""
+  """Judges the logs in `logs_dir` of `rpc` (prediction_log.read_logs) against the export's
+  profile; writes monitor.json, report.md and PNGs into `output_dir`. Raises MonitorError,
+  ProfileError or LogError."""
   profile = profile_lib.read_profile(saved_model)
-  logs, other = _read(saved_model, profile, logs_dir, name, all_versions)
+  logs, other = _read(saved_model, profile, logs_dir, name, all_versions, rpc)
   labels, feedback_info = None, None
   if feedback:
     joined = prediction_log.join_feedback(logs, prediction_log.read_feedback(feedback))
@@ -153,6 +155,7 @@ def run_monitor(
     "error_records": logs.error_records,
     "schema_breaks": logs.schema_breaks,
     "other_records": other,
+    "rpc": rpc,
     "feedback": feedback_info,
   }
   model = {"name": name, "saved_model": saved_model, "kind": profile["model"]["kind"]}
@@ -243,6 +246,7 @@ def main(argv: list[str]) -> None:
         name=FLAGS.name,
         feedback=FLAGS.feedback,
         all_versions=FLAGS.all_versions,
+        rpc=FLAGS.rpc,
       )
 
     result = run_once()
@@ -292,6 +296,7 @@ def _define_flags() -> None:
   flags.DEFINE_float("accuracy_threshold", None, "Absolute accuracy alert level.")
   flags.DEFINE_float("max_quality_share", 0.01, "Non-finite/out-of-range share alert.")
   flags.DEFINE_bool("all_versions", False, "Judge rows of every version logged.")
+  flags.DEFINE_enum("rpc", "Predict", list(prediction_log.RPCS), "Judge the records of this RPC.")
   flags.DEFINE_string("output_dir", None, "Report directory; default LOGS/monitor.")
   flags.DEFINE_integer("serve_metrics_port", None, "Serve Prometheus gauges on 127.0.0.1.")
   flags.DEFINE_float("every_s", None, "With --serve_metrics_port: re-judge this often.")

@@ -143,7 +143,7 @@ def markdown(record: dict, windows: list[WindowResult], images: dict[str, str]) 
     f"Export `{model['saved_model']}`; logs `{read['logs']}`: {read['records']} records, "
     f"{read['rows']} rows read, {read['torn_records']} torn/unreadable, error records "
     f"{read['error_records'] or 'none'}, schema breaks {read['schema_breaks'] or 'none'}, "
-    f"other models/versions {read['other_records']}.",
+    f"other models/versions/RPCs {read['other_records']} (judged: {read.get('rpc', 'Predict')}).",
   ]
   if read.get("feedback"):
     fb = read["feedback"]

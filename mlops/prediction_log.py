@@ -23,7 +23,14 @@ replays as `assets.extra/tf_serving_warmup_requests`):
       no other outputs);
     - `format` (int): `FORMAT_VERSION` of this encoding;
     - `role` (str): "primary", or "shadow" for the mirrored copy of a request, logged under the
-      primary's request id (absent in older records: primary).
+      primary's request id (absent in older records: primary);
+    - `rpc` (str): "Predict", "Classify" or "Regress" (absent in older records: Predict).
+* A Classify or Regress is logged as a PredictLog of the signature it ran (`model_spec.
+  signature_name`): the request's `inputs` is the 1-D DT_STRING tensor of serialized tf.Examples
+  the server fed (a context merged into each), the response's outputs the signature's (`classes`
+  and `scores`, or `outputs`). That is what TF Serving's Predict takes and answers on that
+  signature, so the record replays as warmup, and its metadata has the same home as a
+  Predict's. `ClassifyLog` / `RegressLog` have no place for it.
   Replay tools use the request only, and output keys starting with `__` are never a model's, so
   the extra tensor breaks nothing that reads TF Serving's logs.
 * Files may be rotated and named freely (`filename_prefix` + a suffix); `read_logs` reads every
@@ -51,15 +58,19 @@ import struct
 import numpy as np
 from absl import logging
 
+from serving import contract
+
 # The record format's one definition is the server's (it writes the logs); re-exported here.
 from serving.server.log_format import (  # noqa: F401
   FORMAT_VERSION,
   METADATA_FIELDS,
   METADATA_KEY,
   NOT_LOG_SUFFIXES,
+  RPCS,
   RecordMetadata,
   decode_metadata,
   make_record,
+  top_classes,
 )
 
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC-32C of the length
@@ -117,8 +128,9 @@ class Logs:
   errors_by_arm: dict[str, int] = dataclasses.field(default_factory=dict)
   # reason -> count of OK records whose inputs break the schema (training/serving skew).
   schema_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
-  # Records of another model than the one asked for.
+  # Records of another model than the one asked for, and of another RPC (`read_logs(rpc=)`).
   other_model_records: int = 0
+  other_rpc_records: int = 0
 
   def __len__(self) -> int:
     return len(self.request_id)
@@ -208,17 +220,24 @@ def read_logs(
   *,
   model_name: str | None = None,
   input_schema: dict[str, tuple[str, tuple[int | None, ...]]] | None = None,
+  rpc: str = "Predict",
 ) -> Logs:
   """Reads every log file in `directory` into per-row arrays.
 
   `model_name`: keep only records of that model (others are counted). `input_schema`: the
   expected inputs, {name: (numpy dtype name, per-row shape)}; records that differ are counted
   as schema breaks. Without it the first OK record's inputs define the schema.
-  Raises LogError when the directory holds no files.
+  `rpc`: read the records of that RPC ("Predict", "Classify", "Regress"; others are counted).
+  A Classify's or Regress's rows are its tf.Examples' features (`example_arrays`), and a
+  Classify's outputs are `classes` (each row's top class, `top_classes`), `scores` and
+  `class_labels` (every class's label, str), so a report reads them as a Predict's.
+  Raises LogError when the directory holds no files or `rpc` is not one of RPCS.
   """
   from serving.api_protos import prediction_log_pb2
   from serving.server import tensors  # numpy-only TensorProto conversion (no TF on the fast path)
 
+  if rpc not in RPCS:
+    raise LogError(f"rpc {rpc!r} is not one of {list(RPCS)}")
   collected = _Collector(input_schema)
   for path in log_files(directory):
     records = iter_records(path)
@@ -239,6 +258,9 @@ def read_logs(
       if model_name and meta.model_name and meta.model_name != model_name:
         collected.other_model += 1
         continue
+      if meta.rpc != rpc:
+        collected.other_rpc += 1
+        continue
       if meta.status_code != 0:
         collected.add_error(meta)
         continue
@@ -248,11 +270,66 @@ def read_logs(
         outputs = {
           k: tensors.to_ndarray(v) for k, v in predict.response.outputs.items() if k != METADATA_KEY
         }
+        if rpc != "Predict":
+          inputs = example_arrays(inputs.get(contract.CLASSIFY_INPUTS), collected.schema)
+          outputs = _classify_outputs(outputs) if rpc == "Classify" else outputs
       except ValueError as e:
         collected.add_break(f"malformed tensor ({e})")
         continue
       collected.add(inputs, outputs, meta)
   return collected.finish()
+
+
+_KIND_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
+
+
+def example_arrays(serialized, schema=None) -> dict[str, np.ndarray]:
+  """The features of a Classify's or Regress's serialized tf.Examples (a context merged in, as
+  the server fed them), one array per feature: float32, int64 or bytes objects [batch,
+  values]; reshaped to `schema`'s row shape ({name: (dtype, row shape)}) where the feature's
+  values fill it (so a Classify's rows line up with a Predict's). Raises ValueError for
+  examples whose features differ in names, kinds or lengths (no array holds them)."""
+  from serving.api_protos import example_pb2
+
+  if serialized is None or np.ndim(serialized) != 1:
+    raise ValueError("a Classify/Regress record without its 1-D `inputs` of serialized Examples")
+  columns: dict[str, list] = {}
+  kinds: dict[str, str] = {}
+  for i, data in enumerate(serialized):
+    features = example_pb2.Example.FromString(bytes(data)).features.feature
+    if i and set(features) != set(columns):
+      raise ValueError(f"examples with features {sorted(features)} and {sorted(columns)}")
+    for name, feature in features.items():
+      kind = feature.WhichOneof("kind") or "float_list"
+      if kinds.setdefault(name, kind) != kind:
+        raise ValueError(f"feature {name!r}: examples of kinds {kinds[name]} and {kind}")
+      columns.setdefault(name, []).append(list(getattr(feature, kind).value))
+  arrays = {}
+  for name, rows in columns.items():
+    if len({len(r) for r in rows}) != 1:
+      raise ValueError(f"feature {name!r}: examples of different lengths")
+    array = np.empty((len(rows), len(rows[0])), _KIND_DTYPES[kinds[name]])
+    array[:] = rows
+    row_shape = (schema or {}).get(name, (None, None))[1]
+    fixed = row_shape is not None and None not in row_shape and -1 not in row_shape
+    if fixed and int(np.prod(row_shape)) == array.shape[1]:
+      array = array.reshape(len(rows), *row_shape)
+    arrays[name] = array
+  return arrays
+
+
+def _classify_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  classes = outputs.get(contract.CLASSIFY_OUTPUT_CLASSES)
+  scores = outputs.get(contract.CLASSIFY_OUTPUT_SCORES)
+  top = top_classes(classes, scores)
+  read = {} if top is None else {"classes": top}
+  if scores is not None:
+    read["scores"] = scores
+  if classes is not None:
+    read["class_labels"] = np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[str])(
+      classes
+    )
+  return read
 
 
 class _Collector:
@@ -264,7 +341,7 @@ class _Collector:
     self.parts_in: list[dict] = []
     self.parts_out: list[dict] = []
     self.meta: list[tuple[RecordMetadata, int]] = []
-    self.num_records = self.torn = self.other_model = 0
+    self.num_records = self.torn = self.other_model = self.other_rpc = 0
     self.errors: dict[int, int] = {}
     self.errors_by_role: dict[str, int] = {}
     self.errors_by_arm: dict[str, int] = {}
@@ -337,6 +414,7 @@ class _Collector:
       errors_by_arm=dict(self.errors_by_arm),
       schema_breaks=dict(self.breaks),
       other_model_records=self.other_model,
+      other_rpc_records=self.other_rpc,
     )
 
 

@@ -112,13 +112,13 @@ def _versions(logs, mask) -> list[str]:
   return sorted({f"{v}" + (f" ({label})" if label else "") for v, label in pairs})
 
 
-def analyze(logs_dir: str, *, top: int = 10) -> ShadowResult:
-  """Reads and pairs the logs; computes every number of the report. Raises ShadowError or
-  prediction_log.LogError on bad input."""
+def analyze(logs_dir: str, *, top: int = 10, rpc: str = "Predict") -> ShadowResult:
+  """Reads and pairs the logs of `rpc` (prediction_log.read_logs); computes every number of
+  the report. Raises ShadowError or prediction_log.LogError on bad input."""
   if top < 0:
     raise ShadowError(f"--top={top} must be 0 or more")
   prediction_log.log_files(logs_dir)  # A missing directory fails before TensorFlow loads.
-  logs = prediction_log.read_logs(logs_dir)
+  logs = prediction_log.read_logs(logs_dir, rpc=rpc)
   if logs.num_records == 0:
     raise ShadowError(f"--logs={logs_dir} holds no complete record")
   shadow_errors = logs.errors_by_role.get("shadow", 0)
@@ -282,13 +282,16 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_string("logs", None, "Directory of prediction log files.", flag_values=fv)
   flags.DEFINE_string("out", None, "Report directory; default LOGS/shadow.", flag_values=fv)
   flags.DEFINE_integer("top", 10, "How many of the most different rows to list.", flag_values=fv)
+  flags.DEFINE_enum(
+    "rpc", "Predict", list(prediction_log.RPCS), "Pair the records of this RPC.", flag_values=fv
+  )
   try:
     rest = fv(argv)
     if len(rest) > 1:
       raise ShadowError(f"unexpected arguments: {rest[1:]}")
     if not fv.logs:
       raise ShadowError("--logs=DIR (the prediction log directory) is required")
-    result = analyze(fv.logs, top=fv.top)
+    result = analyze(fv.logs, top=fv.top, rpc=fv.rpc)
     report = write(result, fv.out or os.path.join(fv.logs, "shadow"))
   except (ShadowError, prediction_log.LogError, flags.Error) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -43,6 +43,7 @@ def _tensorflow_protos_only() -> Iterator[None]:
 
 
 with _tensorflow_protos_only():
+  from tensorflow.core.example import example_pb2
   from tensorflow.core.framework import tensor_pb2, types_pb2
   from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -56,6 +57,7 @@ with _tensorflow_protos_only():
   from tensorflow_serving.config import model_server_config_pb2
 
 __all__ = [
+  "example_pb2",
   "get_model_metadata_pb2",
   "get_model_status_pb2",
   "model_management_pb2",

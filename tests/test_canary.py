@@ -176,6 +176,20 @@ def test_the_window_keeps_only_split_primary_records_of_the_model(tmp_path):
   assert window["canary"].requests == 10 and window["canary"].errors == 0
 
 
+def test_a_classify_counts_with_its_top_scoring_class(tmp_path):
+  logs = tmp_path / "logs"
+  meta = RecordMetadata("c", int(T0 * 1e6) + 5, "digits", 2, "canary", "canary", rpc="Classify")
+  labels = np.array([[b"0", b"1", b"2"]] * 2, object)
+  scores = np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]], np.float32)
+  examples = np.array([b"", b""], object)  # Empty tf.Examples: the window reads outputs only.
+  outputs = {"classes": labels, "scores": scores}
+  _write(logs, "a.tfrecord", [prediction_log.make_record({"inputs": examples}, outputs, meta)])
+  window = canary_checks.read_window(
+    str(logs), "digits", ("canary",), int(T0 * 1e6), int((T0 + 1) * 1e6)
+  )
+  assert window["canary"].requests == 1 and window["canary"].classes == [2, 0]
+
+
 class FakeClock:
   def __init__(self, on_sleep=None):
     self.now, self.on_sleep = T0, on_sleep

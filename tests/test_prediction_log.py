@@ -119,3 +119,69 @@ def test_feedback_joins_by_request_id_and_counts_unknown_ids(tmp_path, rows):
 def test_an_empty_directory_is_an_error(tmp_path):
   with pytest.raises(prediction_log.LogError, match="holds no log files"):
     prediction_log.read_logs(str(tmp_path))
+
+
+def _examples(rows, extra=None) -> np.ndarray:
+  from serving.api_protos import example_pb2
+
+  serialized = []
+  for i, row in enumerate(rows):
+    example = example_pb2.Example()
+    example.features.feature["inputs"].float_list.value.extend(row.tolist())
+    if extra is not None:
+      example.features.feature[extra].int64_list.value.append(i)
+    serialized.append(example.SerializeToString())
+  array = np.empty(len(serialized), object)
+  array[:] = serialized
+  return array
+
+
+def _rpc_record(rpc, inputs, outputs, request_id, status=0):
+  meta = RecordMetadata(request_id, 0, "digits", 1, status_code=status, rpc=rpc)
+  return prediction_log.make_record(inputs, outputs, meta, signature_name=rpc.lower())
+
+
+def test_classify_and_regress_records_read_as_features_and_predictions(tmp_path, rows):
+  labels = np.array([[b"0", b"1", b"2"]] * 2, object)
+  scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
+  records = [
+    _record(rows[:1], "predict"),
+    _rpc_record(
+      "Classify", {"inputs": _examples(rows[:2])}, {"classes": labels, "scores": scores}, "c"
+    ),
+    _rpc_record("Classify", {"inputs": _examples(rows[:2], extra="id")}, {"scores": scores}, "c2"),
+    _rpc_record("Classify", {"inputs": _examples(rows[:1])}, {}, "failed", status=3),
+    _rpc_record(
+      "Regress", {"inputs": _examples(rows[2:5])}, {"outputs": np.ones(3, np.float32)}, "r"
+    ),
+  ]
+  prediction_log.write_records(str(tmp_path / "log"), records)
+  predict = prediction_log.read_logs(str(tmp_path))  # The default: Predict records only.
+  assert predict.request_id.tolist() == ["predict"] and predict.other_rpc_records == 4
+  schema = {"inputs": ("float32", (2, 2))}  # The Examples' flat values take the schema's shape.
+  classify = prediction_log.read_logs(str(tmp_path), rpc="Classify", input_schema=schema)
+  assert classify.request_id.tolist() == ["c", "c"] and classify.other_rpc_records == 2
+  np.testing.assert_array_equal(classify.inputs["inputs"], rows[:2].reshape(2, 2, 2))
+  np.testing.assert_array_equal(classify.outputs["classes"], [1, 0])  # The top-scoring labels.
+  np.testing.assert_array_equal(classify.outputs["scores"], scores)
+  assert classify.outputs["class_labels"].tolist() == [["0", "1", "2"]] * 2
+  assert classify.schema_breaks == {"inputs ['id', 'inputs'] instead of ['inputs']": 1}
+  assert classify.error_records == {3: 1}
+  regress = prediction_log.read_logs(str(tmp_path), rpc="Regress")
+  np.testing.assert_array_equal(regress.inputs["inputs"], rows[2:5])
+  np.testing.assert_array_equal(regress.outputs["outputs"], [1, 1, 1])
+  with pytest.raises(prediction_log.LogError, match="'Explain' is not one of"):
+    prediction_log.read_logs(str(tmp_path), rpc="Explain")
+
+
+def test_examples_that_do_not_form_arrays_are_refused_by_name():
+  from serving.api_protos import example_pb2
+
+  short, long = example_pb2.Example(), example_pb2.Example()
+  short.features.feature["x"].float_list.value.extend([1.0])
+  long.features.feature["x"].float_list.value.extend([1.0, 2.0])
+  ints = example_pb2.Example()
+  ints.features.feature["x"].int64_list.value.append(1)
+  for pair, message in (((short, long), "different lengths"), ((short, ints), "kinds")):
+    with pytest.raises(ValueError, match=message):
+      prediction_log.example_arrays(np.array([e.SerializeToString() for e in pair], object))

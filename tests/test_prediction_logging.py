@@ -137,6 +137,34 @@ def test_records_carry_requests_responses_and_metadata(served):
   )
 
 
+def test_classify_is_logged_as_its_signatures_run(served):
+  from tensorflow_serving.apis import classification_pb2
+
+  from tests.helpers.tf_examples import example, labels_and_scores
+
+  server, logs = served
+  pixels = model_server.digits_pixels(3)
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name, request.model_spec.signature_name = "digits", "classify"
+  request.input.example_list.examples.extend(example(inputs=row) for row in pixels)
+  response = server.predict_stub.Classify(
+    request, metadata=[("x-request-id", "classify-1")], timeout=30
+  )
+  _, scores = labels_and_scores(response.result)
+
+  def logged():
+    read = prediction_log.read_logs(logs, rpc="Classify")
+    return read if "classify-1" in set(read.request_id) else None
+
+  read = model_server.wait_for(logged, 30, "the Classify record")
+  mine = read.select(read.request_id == "classify-1")
+  np.testing.assert_array_equal(mine.inputs["inputs"], pixels)
+  np.testing.assert_allclose(mine.outputs["scores"], scores, rtol=1e-6)
+  np.testing.assert_array_equal(mine.outputs["classes"], scores.argmax(1))
+  assert set(mine.version) == {1} and set(mine.role) == {"primary"}
+  assert "classify-1" not in set(prediction_log.read_logs(logs).request_id)  # Predict's only.
+
+
 def test_a_full_queue_drops_and_counts(tmp_path):
   from serving.server import log_format, metrics, model_config, prediction_logger
 
@@ -292,5 +320,5 @@ def test_sigkill_under_load_leaves_every_complete_record(served):
   under_load = {i for i in read.request_id if i.startswith("k")}
   assert len(under_load) >= 50 and under_load <= sent
   # Every record parsed: the OK ones all have rows, one request id per record.
-  ok_records = read.num_records - sum(read.error_records.values())
+  ok_records = read.num_records - sum(read.error_records.values()) - read.other_rpc_records
   assert len(set(zip(read.request_id, read.time_us, strict=True))) == ok_records

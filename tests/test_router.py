@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 
+import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the serving side needs TensorFlow (make install)")
@@ -172,24 +173,45 @@ def test_status_metadata_and_rest_predict_pass_through(routed):
   }
 
 
-def test_classify_is_split_and_forwarded(routed):
-  router, backend, _ = routed
+def test_classify_is_split_forwarded_logged_and_mirrored(routed):
+  router, backend, logs = routed
+  pixels = model_server.digits_pixels(3)
   request = classification_pb2.ClassificationRequest()
   request.model_spec.name, request.model_spec.signature_name = "digits", "classify"
-  request.input.example_list.examples.extend(
-    tf_examples.example(inputs=row) for row in model_server.digits_pixels(3)
-  )
+  request.input.example_list.examples.extend(tf_examples.example(inputs=row) for row in pixels)
+  scores = {}
   for arm in LABELS:
     key = next(k for k in (f"c{i}" for i in range(100)) if _expected_arm(k) == arm)
-    response, call = router.predict_stub.Classify.with_call(
-      request, metadata=[("x-user-id", key)], timeout=30
-    )
+    metadata = [("x-user-id", key), ("x-request-id", f"classify-{arm}")]
+    response, call = router.predict_stub.Classify.with_call(request, metadata=metadata, timeout=30)
     assert response.model_spec.version.value == LABELS[arm]
     assert dict(call.trailing_metadata())["x-arm"] == arm
     direct = classification_pb2.ClassificationRequest()
     direct.CopyFrom(request)
     direct.model_spec.version_label = arm
     assert response.result == backend.predict_stub.Classify(direct, timeout=30).result
+    scores[arm] = tf_examples.labels_and_scores(response.result)[1]
+
+  def logged():
+    read = prediction_log.read_logs(logs, rpc="Classify")
+    ids = set(read.request_id[read.role == "primary"])
+    return read if {"classify-stable", "classify-canary"} <= ids else None
+
+  read = model_server.wait_for(logged, 30, "the router's Classify records")
+  for arm in LABELS:
+    rows = read.select((read.request_id == f"classify-{arm}") & (read.role == "primary"))
+    assert set(rows.arm) == {arm} and set(rows.version) == {LABELS[arm]}
+    np.testing.assert_array_equal(rows.inputs["inputs"], pixels)  # The Examples' features.
+    np.testing.assert_allclose(rows.outputs["scores"], scores[arm], rtol=1e-6)
+    np.testing.assert_array_equal(rows.outputs["classes"], scores[arm].argmax(1))
+
+  def mirrored():  # stable's copy went to canary as a Predict of the classify signature.
+    read = prediction_log.read_logs(logs, rpc="Classify")
+    return read.select((read.request_id == "classify-stable") & (read.role == "shadow")) or None
+
+  shadow = model_server.wait_for(mirrored, 30, "the mirrored Classify's record")
+  assert set(shadow.version) == {LABELS["canary"]} and len(shadow) == len(pixels)
+  np.testing.assert_allclose(shadow.outputs["scores"], scores["canary"], rtol=1e-5)
 
 
 def test_rest_classify_is_split_and_forwarded(routed):

@@ -244,6 +244,35 @@ def test_shadows_that_error_or_sleep_never_touch_the_primary(served):
   assert np.all(logs.role[np.isin(logs.request_id, list(shadow_ids))] != "")
 
 
+def test_a_classify_is_mirrored_and_both_results_logged(served):
+  from tensorflow_serving.apis import classification_pb2
+
+  from tests.helpers.tf_examples import example, labels_and_scores
+
+  policy = {"split": _split(HALF), "mirror": {"label": "canary", "percent": 100}}
+  _write_policy(served, json.dumps({"models": {"digits": policy}}))
+  pixels = model_server.digits_pixels(2)
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name, request.model_spec.version_label = "digits", "stable"
+  request.model_spec.signature_name = "classify"
+  request.input.example_list.examples.extend(example(inputs=row) for row in pixels)
+  response = served.predict_stub.Classify(
+    request, metadata=[("x-request-id", "mirrored-classify")], timeout=30
+  )
+
+  def both_logged():
+    logs = prediction_log.read_logs(served.logs, rpc="Classify")
+    mine = logs.select(logs.request_id == "mirrored-classify")
+    return mine if set(mine.role) == {"primary", "shadow"} else None
+
+  mine = model_server.wait_for(both_logged, 30, "the Classify and its shadow")
+  primary, shadow = mine.select(mine.role == "primary"), mine.select(mine.role == "shadow")
+  assert set(primary.version) == {1} and set(shadow.version) == {2}
+  np.testing.assert_array_equal(shadow.inputs["inputs"], pixels)  # The same Examples.
+  scores = labels_and_scores(response.result)[1]
+  np.testing.assert_allclose(shadow.outputs["scores"], scores, rtol=1e-5)  # v2 = v1's weights.
+
+
 def test_a_bad_file_at_start_is_one_error_line_and_exit_1(tmp_path):
   import subprocess
   import sys

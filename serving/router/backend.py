@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
   regression_pb2,
 )
 
-from serving.server import feedback, request_context, shadow, tensors, traffic
+from serving.server import classify_regress, feedback, request_context, shadow, tensors, traffic
 from serving.server.errors import ServingError
 from serving.server.handlers import Metadata, ModelSpec, Prediction, Result, Served
 from serving.server.loaded_version import SignatureInfo, signature_info
@@ -156,7 +156,7 @@ class RouterHandlers:
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
     response = self._forward(self.backend.prediction.Classify, request)
-    return self._result(response)
+    return self._result(spec, request, response)
 
   def regress(self, spec: ModelSpec, examples) -> Result:
     """Forwards a Regress; `examples` an input_pb2.Input, or REST JSON (see _examples)."""
@@ -164,12 +164,21 @@ class RouterHandlers:
     _fill_spec(request.model_spec, spec, self._route(spec))
     request.input.CopyFrom(_examples(examples))
     response = self._forward(self.backend.prediction.Regress, request)
-    return self._result(response)
+    return self._result(spec, request, response)
 
-  def _result(self, response) -> Result:
+  def _result(self, spec: ModelSpec, request, response) -> Result:
+    """The Result of a forwarded Classify/Regress, recorded in the request's context as the
+    signature's tensors (serialized Examples in, classes/scores or outputs out), as the server
+    records them, for the log and the shadow copy."""
     served = _served(response.model_spec)
     if self.context is not None:
-      self.context.version = served.version
+      context = self.context
+      context.version = served.version
+      context.signature_name = served.signature_name or spec.signature_name
+      context.inputs = {
+        classify_regress.INPUTS: classify_regress.serialized_examples(request.input)
+      }
+      context.outputs = classify_regress.result_tensors(response.result)
     return Result(served, response.result)
 
   def metadata(self, spec: ModelSpec, fields: list[str]) -> Metadata:
@@ -248,7 +257,9 @@ def _examples(examples):
 
 
 class BackendShadowRunner(shadow.ShadowRunner):
-  """ShadowRunner whose copies are Predicts forwarded to the backend with the mirror's label."""
+  """ShadowRunner whose copies are Predicts forwarded to the backend with the mirror's label; a
+  Classify's or Regress's copy is a Predict of its signature on its serialized Examples (which
+  TF Serving runs unless --enable_signature_method_name_check is set)."""
 
   def __init__(self, backend: Backend, metrics, logger, **kwargs):
     super().__init__(None, metrics, logger, **kwargs)

@@ -13,7 +13,7 @@ regressor.cc, util.cc; util/json_tensor.cc for REST), with the same status codes
   `input.example_list_with_context` as the context's bytes followed by each example's, which
   protobuf parses as their merge (the example's features win over the context's).
 
-Everything but `classify` and `regress` (which run a loaded version) is a pure conversion.
+Everything here is a pure conversion: serving/server/handlers.py runs the signature.
 """
 
 from __future__ import annotations
@@ -186,6 +186,19 @@ def regression_result(
   return result
 
 
+def result_tensors(result) -> dict[str, np.ndarray]:
+  """A ClassificationResult or RegressionResult as the signature outputs it came from (classes
+  as bytes and scores [batch, num_classes], or outputs [batch]): what a router logs of a
+  forwarded Classify or Regress, whose backend answered the result only."""
+  if isinstance(result, regression_pb2.RegressionResult):
+    return {OUTPUTS: np.array([r.value for r in result.regressions], np.float32)}
+  rows = [list(c.classes) for c in result.classifications]
+  classes = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+  classes[:] = [[c.label.encode() for c in row] for row in rows] if rows else classes
+  scores = np.array([[c.score for c in row] for row in rows], np.float32).reshape(classes.shape)
+  return {CLASSES: classes, SCORES: scores}
+
+
 def _shape_string(value: np.ndarray) -> str:
   return "[" + ",".join(str(d) for d in value.shape) + "]"  # TensorShape::DebugString.
 
@@ -202,27 +215,6 @@ def _dtype_name(value: np.ndarray) -> str:
 def _label(value) -> str:
   # Class.label is a proto `string`: Python protobuf needs UTF-8 where TF Serving copies bytes.
   return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-# The RPCs, on a loaded version (serving.server.loaded_version.LoadedVersion).
-
-
-def classify(
-  served, signature: SignatureInfo, request_input: input_pb2.Input
-) -> classification_pb2.ClassificationResult:
-  """Runs Classify on `served`'s classify `signature`. Raises ServingError."""
-  examples = serialized_examples(request_input)
-  outputs = served.run(signature.name, {INPUTS: examples})
-  return classification_result(outputs, len(examples))
-
-
-def regress(
-  served, signature: SignatureInfo, request_input: input_pb2.Input
-) -> regression_pb2.RegressionResult:
-  """Runs Regress on `served`'s regress `signature`. Raises ServingError."""
-  examples = serialized_examples(request_input)
-  outputs = served.run(signature.name, {INPUTS: examples})
-  return regression_result(outputs, len(examples))
 
 
 # REST: POST /v1/models/NAME[/versions/N | /labels/L]:classify (or :regress), as TF Serving's

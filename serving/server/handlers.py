@@ -145,26 +145,35 @@ class RequestHandlers:
     served = self.resolve(spec)
     signature = served.signature(spec.signature_name)
     arrays = inputs(signature) if callable(inputs) else inputs
-    if self.context is not None:
-      self.context.signature_name, self.context.inputs = signature.name, arrays
-    outputs = served.run(signature.name, arrays, output_filter)
-    if self.context is not None:
-      self.context.outputs = outputs
+    outputs = self._run(served, signature, arrays, output_filter)
     return Prediction(Served(served.model_name, served.version, signature.name), outputs)
 
   def classify(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
     served = self.resolve(spec)
     signature = classify_regress.classification_signature(served, spec.signature_name)
-    request_input = _examples(examples, served, signature)
-    result = classify_regress.classify(served, signature, request_input)
+    examples = classify_regress.serialized_examples(_examples(examples, served, signature))
+    outputs = self._run(served, signature, {classify_regress.INPUTS: examples})
+    result = classify_regress.classification_result(outputs, len(examples))
     return Result(Served(served.model_name, served.version, signature.name), result)
 
   def regress(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
     served = self.resolve(spec)
     signature = classify_regress.regression_signature(served, spec.signature_name)
-    request_input = _examples(examples, served, signature)
-    result = classify_regress.regress(served, signature, request_input)
+    examples = classify_regress.serialized_examples(_examples(examples, served, signature))
+    outputs = self._run(served, signature, {classify_regress.INPUTS: examples})
+    result = classify_regress.regression_result(outputs, len(examples))
     return Result(Served(served.model_name, served.version, signature.name), result)
+
+  def _run(self, served: LoadedVersion, signature: SignatureInfo, arrays, output_filter=()):
+    """Runs `signature` and records what it took and gave in the request's context (for the
+    prediction log and the shadow copy, which treat every RPC as a run of its signature)."""
+    context = self.context
+    if context is not None:
+      context.signature_name, context.inputs = signature.name, arrays
+    outputs = served.run(signature.name, arrays, output_filter)
+    if context is not None:
+      context.outputs = outputs
+    return outputs
 
   def metadata(self, spec: ModelSpec, fields: list[str]) -> Metadata:
     """GetModelMetadata; only the `signature_def` field exists (INVALID_ARGUMENT otherwise)."""
@@ -244,7 +253,7 @@ class RequestPath:
 
   Hooks, all here: the request id (`x-request-id`), the traffic split (through the request's
   context, applied in `RequestHandlers.resolve`), the prediction log and the shadow copy of a
-  Predict (after it answered: neither ever delays or fails the request).
+  Predict, Classify or Regress (after it answered: neither ever delays or fails the request).
   """
 
   def __init__(
@@ -296,12 +305,14 @@ class RequestPath:
     seconds = time.perf_counter() - start
     version = served.version if served is not None else (context.version or spec.version)
     self.metrics.observe(api, method, spec.name, version, code.name, seconds)
-    if method == "Predict" and (self.logger is not None or self.shadows is not None):
-      self._after_predict(spec, context, code, start_us, seconds)
+    if method in ROUTED_METHODS and (self.logger is not None or self.shadows is not None):
+      self._after_answer(method, spec, context, code, start_us, seconds)
     return Outcome(code, message, value, served, context.request_id, context.arm)
 
-  def _after_predict(self, spec, context: RequestContext, code, start_us: int, seconds: float):
-    """Logs a sampled Predict and queues its shadow copy; neither blocks."""
+  def _after_answer(
+    self, rpc: str, spec, context: RequestContext, code, start_us: int, seconds: float
+  ):
+    """Logs a sampled Predict, Classify or Regress and queues its shadow copy; neither blocks."""
     config = self.handlers.models.configs.get(spec.name)
     logging_config = config.logging if config is not None else None
     logged = self.logger is not None and PredictionLogger.sampled(logging_config)
@@ -316,6 +327,7 @@ class RequestPath:
         latency_us=int(seconds * 1e6),
         status_code=code.value[0],
         role="primary",
+        rpc=rpc,
       )
       ok = code == grpc.StatusCode.OK
       self.logger.submit(
@@ -331,4 +343,5 @@ class RequestPath:
     if self.shadows is not None and self.traffic is not None and context.inputs is not None:
       mirror = self.traffic.mirror_for(spec.name)
       if mirror is not None and mirror.label != context.label and mirror.sampled():
-        self.shadows.submit(spec, context, logging_config if logged else None, mirror.label)
+        log_config = logging_config if logged else None
+        self.shadows.submit(spec, context, log_config, mirror.label, rpc)

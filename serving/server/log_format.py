@@ -24,6 +24,7 @@ METADATA_FIELDS = (
   "status_code",
   "format",
   "role",
+  "rpc",
 )
 FORMAT_VERSION = 1
 # Ground truth next to a model's log files (serving/server/feedback.py, mlops/feedback.py); log
@@ -45,6 +46,36 @@ class RecordMetadata:
   latency_us: int = 0
   status_code: int = 0
   role: str = "primary"
+  rpc: str = "Predict"  # The RPC answered: "Predict", "Classify" or "Regress" (see RPCS).
+
+
+# The RPCs a log records. A Classify or Regress is logged as a PredictLog of the signature it
+# ran: its `inputs` tensor of serialized tf.Examples in, the signature's outputs out (what TF
+# Serving's Predict on that signature takes and answers, so replaying it as warmup still works),
+# which gives its metadata the same home as a Predict's.
+RPCS = ("Predict", "Classify", "Regress")
+
+
+def top_classes(classes: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray | None:
+  """Each row's top-scoring class of a Classify's outputs (`classes` [batch, k] labels as bytes,
+  `scores` [batch, k]): int64 when every label is an integer (the class indices this project's
+  exports use as labels), else str; the argmax index without labels, the first label without
+  scores; None without either."""
+  if scores is None and classes is None:
+    return None
+  if classes is None:
+    return np.argmax(np.asarray(scores).reshape(len(scores), -1), axis=1).astype(np.int64)
+  classes = np.asarray(classes).reshape(len(classes), -1)
+  top = (
+    classes[:, 0]
+    if scores is None
+    else classes[np.arange(len(classes)), np.argmax(np.asarray(scores).reshape(classes.shape), 1)]
+  )
+  labels = np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in top])
+  try:
+    return labels.astype(np.int64)
+  except ValueError:
+    return labels
 
 
 def decode_metadata(log) -> RecordMetadata:
@@ -64,6 +95,7 @@ def decode_metadata(log) -> RecordMetadata:
     latency_us=int(extra.get("latency_us", 0)),
     status_code=int(extra.get("status_code", 0)),
     role=str(extra.get("role") or "primary"),
+    rpc=str(extra.get("rpc") or "Predict"),
   )
 
 
@@ -106,6 +138,7 @@ def make_record(
     "status_code": meta.status_code,
     "format": FORMAT_VERSION,
     "role": meta.role,
+    "rpc": meta.rpc,
   }
   metadata_tensor = response.outputs[METADATA_KEY]
   metadata_tensor.dtype = 7  # DT_STRING

@@ -1,5 +1,7 @@
-"""Shadow (mirrored) requests: a Predict's copy run on another version label after the primary
-answered, on a few worker threads fed by a bounded queue.
+"""Shadow (mirrored) requests: a Predict's, Classify's or Regress's copy run on another version
+label after the primary answered, on a few worker threads fed by a bounded queue. A copy runs
+the signature the primary ran on the same input tensors (a Classify's serialized tf.Examples
+included), so every RPC mirrors the same way.
 
 The primary never waits for its shadow and never sees its errors: `submit` only queues (a full
 queue drops the copy, counted as `serving_shadow_requests{outcome="dropped"}`), and a shadow's
@@ -36,6 +38,7 @@ class ShadowJob:
   request_id: str
   inputs: dict
   log_config: LoggingConfig | None
+  rpc: str = "Predict"
 
 
 class ShadowRunner:
@@ -61,9 +64,17 @@ class ShadowRunner:
     for thread in self._threads:
       thread.start()
 
-  def submit(self, spec, context: RequestContext, log_config: LoggingConfig | None, label: str):
-    """Queues the copy of the request of `context` to `label`; never blocks. `log_config`:
-    where to log the shadow's result (None: its primary was not logged, neither is it)."""
+  def submit(
+    self,
+    spec,
+    context: RequestContext,
+    log_config: LoggingConfig | None,
+    label: str,
+    rpc: str = "Predict",
+  ):
+    """Queues the copy of the request of `context` (an `rpc`) to `label`; never blocks.
+    `log_config`: where to log the shadow's result (None: its primary was not logged, neither
+    is it)."""
     job = ShadowJob(
       spec.name,
       context.signature_name or spec.signature_name,
@@ -71,6 +82,7 @@ class ShadowRunner:
       context.request_id,
       dict(context.inputs),
       log_config,
+      rpc,
     )
     try:
       self._queue.put_nowait(job)
@@ -122,6 +134,7 @@ class ShadowRunner:
       latency_us=int(seconds * 1e6),
       status_code=code.value[0],
       role="shadow",
+      rpc=job.rpc,
     )
     entry = LogEntry(
       job.log_config,
