@@ -58,6 +58,8 @@ import struct
 import numpy as np
 from absl import logging
 
+from mlops import log_examples
+from mlops.log_examples import example_arrays  # noqa: F401  (part of this module's API)
 from serving import contract
 
 # The record format's one definition is the server's (it writes the logs); re-exported here.
@@ -228,7 +230,7 @@ def read_logs(
   expected inputs, {name: (numpy dtype name, per-row shape)}; records that differ are counted
   as schema breaks. Without it the first OK record's inputs define the schema.
   `rpc`: read the records of that RPC ("Predict", "Classify", "Regress"; others are counted).
-  A Classify's or Regress's rows are its tf.Examples' features (`example_arrays`), and a
+  A Classify's or Regress's rows are its tf.Examples' features (`log_examples.example_arrays`), and a
   Classify's outputs are `classes` (each row's top class, `top_classes`), `scores` and
   `class_labels` (every class's label, str), so a report reads them as a Predict's.
   Raises LogError when the directory holds no files or `rpc` is not one of RPCS.
@@ -271,65 +273,15 @@ def read_logs(
           k: tensors.to_ndarray(v) for k, v in predict.response.outputs.items() if k != METADATA_KEY
         }
         if rpc != "Predict":
-          inputs = example_arrays(inputs.get(contract.CLASSIFY_INPUTS), collected.schema)
-          outputs = _classify_outputs(outputs) if rpc == "Classify" else outputs
+          inputs = log_examples.example_arrays(
+            inputs.get(contract.CLASSIFY_INPUTS), collected.schema
+          )
+          outputs = log_examples.classify_outputs(outputs) if rpc == "Classify" else outputs
       except ValueError as e:
         collected.add_break(f"malformed tensor ({e})")
         continue
       collected.add(inputs, outputs, meta)
   return collected.finish()
-
-
-_KIND_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
-
-
-def example_arrays(serialized, schema=None) -> dict[str, np.ndarray]:
-  """The features of a Classify's or Regress's serialized tf.Examples (a context merged in, as
-  the server fed them), one array per feature: float32, int64 or bytes objects [batch,
-  values]; reshaped to `schema`'s row shape ({name: (dtype, row shape)}) where the feature's
-  values fill it (so a Classify's rows line up with a Predict's). Raises ValueError for
-  examples whose features differ in names, kinds or lengths (no array holds them)."""
-  from serving.api_protos import example_pb2
-
-  if serialized is None or np.ndim(serialized) != 1:
-    raise ValueError("a Classify/Regress record without its 1-D `inputs` of serialized Examples")
-  columns: dict[str, list] = {}
-  kinds: dict[str, str] = {}
-  for i, data in enumerate(serialized):
-    features = example_pb2.Example.FromString(bytes(data)).features.feature
-    if i and set(features) != set(columns):
-      raise ValueError(f"examples with features {sorted(features)} and {sorted(columns)}")
-    for name, feature in features.items():
-      kind = feature.WhichOneof("kind") or "float_list"
-      if kinds.setdefault(name, kind) != kind:
-        raise ValueError(f"feature {name!r}: examples of kinds {kinds[name]} and {kind}")
-      columns.setdefault(name, []).append(list(getattr(feature, kind).value))
-  arrays = {}
-  for name, rows in columns.items():
-    if len({len(r) for r in rows}) != 1:
-      raise ValueError(f"feature {name!r}: examples of different lengths")
-    array = np.empty((len(rows), len(rows[0])), _KIND_DTYPES[kinds[name]])
-    array[:] = rows
-    row_shape = (schema or {}).get(name, (None, None))[1]
-    fixed = row_shape is not None and None not in row_shape and -1 not in row_shape
-    if fixed and int(np.prod(row_shape)) == array.shape[1]:
-      array = array.reshape(len(rows), *row_shape)
-    arrays[name] = array
-  return arrays
-
-
-def _classify_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  classes = outputs.get(contract.CLASSIFY_OUTPUT_CLASSES)
-  scores = outputs.get(contract.CLASSIFY_OUTPUT_SCORES)
-  top = top_classes(classes, scores)
-  read = {} if top is None else {"classes": top}
-  if scores is not None:
-    read["scores"] = scores
-  if classes is not None:
-    read["class_labels"] = np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[str])(
-      classes
-    )
-  return read
 
 
 class _Collector:
