@@ -230,8 +230,8 @@ def read_logs(
   expected inputs, {name: (numpy dtype name, per-row shape)}; records that differ are counted
   as schema breaks. Without it the first OK record's inputs define the schema.
   `rpc`: read the records of that RPC ("Predict", "Classify", "Regress"; others are counted).
-  A Classify's or Regress's rows are its tf.Examples' features (`log_examples.example_arrays`), and a
-  Classify's outputs are `classes` (each row's top class, `top_classes`), `scores` and
+  A Classify's or Regress's rows are its tf.Examples' features (`log_examples.example_arrays`),
+  and a Classify's outputs are `classes` (each row's top class, `top_classes`), `scores` and
   `class_labels` (every class's label, str), so a report reads them as a Predict's.
   Raises LogError when the directory holds no files or `rpc` is not one of RPCS.
   """
