@@ -10,7 +10,9 @@ directory): one plain, one with `--batching_parameters_file` (`--max_batch_size`
 
 1. Latency at concurrency 1 (p50/p99): the SavedModel's `serving_default` called in-process
    (the floor a server cannot go below), a gRPC Predict round trip to each server, and a REST
-   :predict to the plain one. Target: gRPC adds at most 0.5 ms to the in-process p50.
+   :predict to the plain one. Target: gRPC adds at most 0.5 ms to the in-process p50. Beside
+   them the same request's bytes sent to `bench/grpc_echo.py`, a grpcio server that does no
+   work: what grpcio alone costs here, and each server's CPU per call (from /proc).
 2. Throughput at concurrency 1, 8 and 32 against each server: a closed loop that keeps N
    requests in flight (gRPC futures, so the client needs no thread per request) over
    `--channels` connections for `--seconds`. Target: batching at least 3x the plain server at
@@ -62,6 +64,9 @@ _NUM_BATCH_THREADS = flags.DEFINE_integer(
 )
 
 
+ECHO_ROW = "gRPC echo, no work (grpcio's floor)"
+
+
 def _smoke_export(tmp: str) -> str:
   from serving.export import exporter as export
   from tests.helpers.configs import smoke_config
@@ -81,6 +86,40 @@ def _latencies(fn, seconds: float) -> np.ndarray:
     fn()
     latencies.append((time.perf_counter() - start) * 1e3)
   return np.array(latencies)
+
+
+def _cpu_ms_per_call(fn, seconds: float, pid: int) -> tuple[np.ndarray, float]:
+  """`_latencies(fn, seconds)` and process `pid`'s CPU ms per call meanwhile."""
+  from bench.grpc_echo import process_cpu_seconds
+
+  before = process_cpu_seconds(pid)
+  latencies = _latencies(fn, seconds)
+  return latencies, (process_cpu_seconds(pid) - before) * 1e3 / (len(latencies) + 20)
+
+
+class _Echo:
+  """bench/grpc_echo.py in a subprocess, and a stub-like `.Predict` of its echo method."""
+
+  def __init__(self):
+    import subprocess
+
+    import grpc
+
+    from bench import grpc_echo
+
+    self.proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "bench", "grpc_echo.py")],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    port = int(self.proc.stdout.readline())
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    self.Predict = channel.unary_unary(grpc_echo.METHOD)  # Named as a stub's method.
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait(timeout=30)
 
 
 def _stubs(server, channels: int) -> list:
@@ -164,6 +203,8 @@ def main(argv: list[str]) -> None:
       [*args, f"--batching_parameters_file={batching_file}"], os.path.join(tmp, "batching.log")
     ),
   }
+  echo = _Echo()
+  echo_stubs = [echo]
   try:
     for server in servers.values():
       server.wait_ready(timeout_s=300)
@@ -182,38 +223,48 @@ def main(argv: list[str]) -> None:
         r.read()
 
     seconds = _SECONDS.value
-    calls = {
-      "in-process TF signature": lambda: signature(inputs=tf.constant(x)),
-      "gRPC Predict": lambda: stubs["plain"].Predict(request, timeout=30),
-      "gRPC Predict, batching server": lambda: stubs["batching"].Predict(request, timeout=30),
-      "REST :predict": rest_call,
+    serialized = request.SerializeToString()
+    calls = {  # name: (call, the pid or server whose CPU it costs; None: the echo server)
+      "in-process TF signature": (lambda: signature(inputs=tf.constant(x)), os.getpid()),
+      ECHO_ROW: (lambda: echo.Predict(serialized, timeout=30), None),
+      "gRPC Predict": (lambda: stubs["plain"].Predict(request, timeout=30), servers["plain"]),
+      "gRPC Predict, batching server": (
+        lambda: stubs["batching"].Predict(request, timeout=30),
+        servers["batching"],
+      ),
+      "REST :predict": (rest_call, servers["plain"]),
     }
-    results = {name: _latencies(call, seconds) for name, call in calls.items()}
-    print("\nLatency, one-row requests, concurrency 1:\n")
-    print("| call | p50 ms | p99 ms |")
-    print("|---|---|---|")
-    for name, latencies in results.items():
-      print(f"| {name} | {np.percentile(latencies, 50):.2f} | {np.percentile(latencies, 99):.2f} |")
-    overhead = np.percentile(results["gRPC Predict"], 50) - np.percentile(
-      results["in-process TF signature"], 50
-    )
+    results = {}
+    for name, (call, owner) in calls.items():
+      pid = owner if isinstance(owner, int) else (owner or echo).proc.pid
+      results[name] = _cpu_ms_per_call(call, seconds, pid)
+    print("\nLatency, one-row requests, concurrency 1 (CPU: the serving process's, per call):\n")
+    print("| call | p50 ms | p99 ms | CPU ms per call |")
+    print("|---|---|---|---|")
+    for name, (latencies, cpu_ms) in results.items():
+      p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
+      print(f"| {name} | {p50:.2f} | {p99:.2f} | {cpu_ms:.2f} |")
+    p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in results.items()}
+    overhead = p50["gRPC Predict"] - p50["in-process TF signature"]
     print(f"\ngRPC overhead over in-process at p50: {overhead:.2f} ms (target <= 0.5 ms)")
+    print(f"grpcio's own round trip (echo, no work) at p50: {p50[ECHO_ROW]:.2f} ms")
 
-    print("\nThroughput, one-row requests (requests/s):\n")
-    print("| in flight | plain | batching | batching / plain | errors |")
-    print("|---|---|---|---|---|")
+    print("\nThroughput, one-row requests (requests/s; echo: the same bytes, no work):\n")
+    print("| in flight | echo | plain | batching | batching / plain | errors |")
+    print("|---|---|---|---|---|---|")
     for concurrency in map(int, _CONCURRENCY.value):
       rates, errors = {}, 0
-      for name in ("plain", "batching"):
-        pool = channel_stubs[name]
-        _throughput(pool, request, concurrency, min(1.0, seconds))  # Warm up.
-        rates[name], failed = _throughput(pool, request, concurrency, seconds)
+      for name in ("echo", "plain", "batching"):
+        pool, sent = (echo_stubs, serialized) if name == "echo" else (channel_stubs[name], request)
+        _throughput(pool, sent, concurrency, min(1.0, seconds))  # Warm up.
+        rates[name], failed = _throughput(pool, sent, concurrency, seconds)
         errors += failed
       print(
-        f"| {concurrency} | {rates['plain']:.0f} | {rates['batching']:.0f} | "
-        f"{rates['batching'] / rates['plain']:.2f}x | {errors} |"
+        f"| {concurrency} | {rates['echo']:.0f} | {rates['plain']:.0f} | "
+        f"{rates['batching']:.0f} | {rates['batching'] / rates['plain']:.2f}x | {errors} |"
       )
   finally:
+    echo.close()
     codes = {name: server.stop() for name, server in servers.items()}  # Stop all, then judge.
     for name, code in codes.items():
       if code != 0:
