@@ -104,20 +104,41 @@ def file_overrides(paths: dict[str, str]) -> list[str]:
 
 
 def labelled_rows(logs_dir: str, feedback: str, model_name: str) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, labels) of the logged primary rows of `model_name` that have a feedback label."""
+  """(inputs, labels) of the logged primary rows of `model_name` that have a feedback label:
+  its Predicts', then its Classifies' (their tf.Examples read in the Predicts' input shape;
+  rows that do not fit it are left out, as the reader counts them)."""
   from mlops import feedback as feedback_lib
   from mlops import prediction_log
 
   logs = prediction_log.read_logs(logs_dir, model_name=model_name)
-  if len(logs) == 0:
+  parts = [logs]
+  if logs.other_rpc_records:
+    schema = {k: (v.dtype.name, v.shape[1:]) for k, v in logs.inputs.items()} or None
+    parts.append(
+      prediction_log.read_logs(logs_dir, model_name=model_name, input_schema=schema, rpc="Classify")
+    )
+  parts = [p for p in parts if len(p)]
+  if not parts:
     raise DataError(f"--include_feedback_logs={logs_dir} holds no rows of model {model_name}")
-  if len(logs.inputs) != 1:
+  if any(len(p.inputs) != 1 for p in parts):
+    names = sorted({name for p in parts for name in p.inputs})
     raise DataError(
-      f"--include_feedback_logs={logs_dir}: logged requests have inputs {sorted(logs.inputs)}; "
+      f"--include_feedback_logs={logs_dir}: logged requests have inputs {names}; "
       "training needs one input tensor"
     )
-  logs = logs.select(logs.role != "shadow")  # A mirrored request is the same example twice.
-  joined = feedback_lib.join_feedback(logs, feedback_lib.read_feedback(feedback))
-  keep = joined.labels >= 0
-  (inputs,) = logs.inputs.values()
-  return np.asarray(inputs)[keep], joined.labels[keep]
+  entries = feedback_lib.read_feedback(feedback)
+  inputs, labels = [], []
+  for part in parts:
+    part = part.select(part.role != "shadow")  # A mirrored request is the same example twice.
+    joined = feedback_lib.join_feedback(part, entries)
+    keep = joined.labels >= 0
+    (values,) = part.inputs.values()
+    inputs.append(np.asarray(values)[keep])
+    labels.append(joined.labels[keep])
+  if len({x.shape[1:] for x in inputs}) != 1:
+    shapes = sorted({str(list(x.shape[1:])) for x in inputs})
+    raise DataError(
+      f"--include_feedback_logs={logs_dir}: Predict and Classify rows of shapes {shapes}; "
+      "training needs one shape"
+    )
+  return np.concatenate(inputs), np.concatenate(labels)

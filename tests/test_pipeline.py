@@ -151,17 +151,38 @@ def test_feedback_rows_join_the_training_split_only(tmp_path):
   ids = prediction_logs.write_log(
     str(tmp_path / "logs" / "a.log"), rows, {"scores": np.zeros((6, 10), np.float32)}
   )
-  (tmp_path / "fb.csv").write_text("request_id,label\n" + f"{ids[1]},3\n{ids[4]},7\nnope,1\n")
+  classified = rng.random((2, 64)).astype(np.float32)  # A Classify's two tf.Examples.
+  _write_classify_log(str(tmp_path / "logs" / "b.log"), classified, "c0")
+  feedback = f"{ids[1]},3\n{ids[4]},7\nnope,1\nc0,5,1\n"
+  (tmp_path / "fb.csv").write_text("request_id,label,row\n" + feedback)
   prepared = pipeline_data.prepare(
     str(data), str(tmp_path / "logs"), str(tmp_path / "fb.csv"), "digits", str(tmp_path / "out")
   )
-  assert prepared.feedback_rows == 2
+  assert prepared.feedback_rows == 3
   added = np.load(tmp_path / "out" / "train-1-feedback.npz")
-  assert added["inputs"].shape == (2, 8, 8, 1) and added["labels"].tolist() == [3, 7]
+  assert added["inputs"].shape == (3, 8, 8, 1) and added["labels"].tolist() == [3, 7, 5]
   np.testing.assert_array_equal(added["inputs"][1].reshape(64), rows[4])
+  np.testing.assert_array_equal(added["inputs"][2].reshape(64), classified[1])
   flags = dict(o.removeprefix("--config.data.").split("=", 1) for o in prepared.overrides)
   assert flags["train_path"].endswith("out/train-*.npz") and flags["name"] == "npz"
   assert flags["test_path"] == str(data / "test.npz")  # The gate's test split stays the user's.
+
+
+def _write_classify_log(path: str, rows: np.ndarray, request_id: str) -> None:
+  from mlops import prediction_log
+  from serving.api_protos import example_pb2
+
+  examples = np.empty(len(rows), object)
+  for i, row in enumerate(rows):
+    example = example_pb2.Example()
+    example.features.feature["inputs"].float_list.value.extend(row.tolist())
+    examples[i] = example.SerializeToString()
+  labels = np.array([[str(c).encode() for c in range(10)]] * len(rows), object)
+  outputs = {"classes": labels, "scores": np.full((len(rows), 10), 0.1, np.float32)}
+  meta = prediction_log.RecordMetadata(request_id, 1, "digits", 1, rpc="Classify")
+  prediction_log.write_records(
+    path, [prediction_log.make_record({"inputs": examples}, outputs, meta)]
+  )
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
