@@ -266,7 +266,7 @@ def test_no_recompilation_after_the_first_step(tmp_path):
     str(tmp_path), config.checkpoint, best_metric="eval/loss", best_mode="min"
   )
   state, iterator, loop_state = train._initial_state(experiment, checkpointer)
-  loop = train._TrainLoop(
+  loop = train.TrainLoop(
     experiment, checkpointer, MetricWriter(str(tmp_path / "tb")), 0, loop_state
   )
   result = loop.run(state, iterator)
