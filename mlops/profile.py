@@ -152,9 +152,12 @@ def output_groups(kind: str, outputs: dict[str, np.ndarray]) -> dict:
       "next_token": np.argmax(log_probs, -1).astype(np.float64)[:, None],
       "confidence": np.exp(log_probs.max(-1)).astype(np.float64)[:, None],
     }
+  # A logged Classify has `scores` where a Predict has `probabilities`: this project's classify
+  # signatures score with the same softmax (serving/export/signatures.py).
+  probabilities = outputs["probabilities"] if "probabilities" in outputs else outputs["scores"]
   return {
     "classes": np.asarray(outputs["classes"]).astype(np.float64).reshape(-1, 1),
-    "confidence": np.asarray(outputs["probabilities"]).max(-1).astype(np.float64).reshape(-1, 1),
+    "confidence": np.asarray(probabilities).max(-1).astype(np.float64).reshape(-1, 1),
   }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mlops import drift, monitor, monitor_windows, profile
+from mlops import drift, monitor, monitor_windows, prediction_log, profile
 from tests.helpers import digits_export, model_server
 
 pytest.importorskip("tensorflow", reason="the monitor reads TF Serving logs (make install)")
@@ -122,6 +122,39 @@ def test_shifted_traffic_drifts_and_unshifted_does_not(saved_model, logs, tmp_pa
   report = (tmp_path / "report.md").read_text()
   assert "drifted_features.png" in report and "drift_over_time.png" in report
   assert os.path.getsize(tmp_path / "drifted_features.png") > 10_000
+
+
+def test_classify_traffic_is_judged_with_rpc_classify(saved_model, logs, tmp_path):
+  """The module's Predict traffic again as one-example Classifies: the same verdicts."""
+  from serving.api_protos import example_pb2
+
+  directory, _, _ = logs
+  predict = prediction_log.read_logs(directory)
+  records = []
+  for i, (row, scores) in enumerate(
+    zip(predict.inputs["inputs"], predict.outputs["probabilities"], strict=True)
+  ):
+    example = example_pb2.Example()
+    example.features.feature["inputs"].float_list.value.extend(row.ravel().tolist())
+    labels = np.array([[str(c).encode() for c in range(len(scores))]], object)
+    time_us = int(predict.time_us[i])
+    meta = prediction_log.RecordMetadata(f"c{i}", time_us, "digits", 1, rpc="Classify")
+    outputs = {"classes": labels, "scores": scores[None]}
+    examples = np.array([example.SerializeToString()], object)
+    records.append(prediction_log.make_record({"inputs": examples}, outputs, meta))
+  classify_logs = tmp_path / "classify"
+  classify_logs.mkdir()
+  prediction_log.write_records(str(classify_logs / "log"), records)
+  options = monitor_windows.MonitorOptions(window_s=3600)
+  run = monitor.run_monitor(
+    saved_model, str(classify_logs), options, output_dir=str(tmp_path / "m"), rpc="Classify"
+  )
+  first, second = run.windows  # Unshifted, then shifted an hour later.
+  assert first.judged and not first.dataset_drift and not first.prediction_drift
+  assert second.dataset_drift and second.prediction_drift
+  assert run.record["read"]["rpc"] == "Classify" and run.record["read"]["rows"] == len(records)
+  with pytest.raises(monitor.MonitorError, match="no record fits"):  # Read as Predict: none.
+    monitor.run_monitor(saved_model, str(classify_logs), options, output_dir=str(tmp_path / "p"))
 
 
 def test_small_windows_get_no_verdict(saved_model, logs, tmp_path):
