@@ -27,6 +27,7 @@ import sys
 import threading
 
 from mlops import pipeline_guards, pipeline_run, pipeline_watch
+from serving.server.log_format import RPCS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
   watch.add_argument("--state_file", help="Guard state (default ROOT/NAME/watch_state.json).")
   watch.add_argument("--window_requests", type=int, default=500, help="Rows per window.")
   watch.add_argument("--min_window_rows", type=int, default=100, help="Smallest judged window.")
+  watch.add_argument(
+    "--rpc", default="Predict", choices=RPCS, help="Judge the logged traffic of this RPC."
+  )
   defaults = pipeline_guards.Policy()
   watch.add_argument("--persistence_windows", type=int, default=defaults.persistence_windows)
   watch.add_argument("--cooldown_s", type=float, default=defaults.cooldown_s)
@@ -130,6 +134,7 @@ def watch_options(args: argparse.Namespace) -> pipeline_watch.WatchOptions:
     max_iterations=args.max_iterations,
     window_requests=args.window_requests,
     min_window_rows=args.min_window_rows,
+    rpc=args.rpc,
   )
 
 

@@ -35,6 +35,7 @@ class WatchOptions:
   max_iterations: int | None = None
   window_requests: int | None = 500
   min_window_rows: int = 100
+  rpc: str = "Predict"  # The RPC whose logged traffic is judged (prediction_log.RPCS).
 
 
 def window_alerts(windows) -> tuple[tuple[str, ...], ...]:
@@ -69,6 +70,7 @@ def observe_with_monitor(options: WatchOptions) -> Observation:
     output_dir=os.path.join(os.path.dirname(os.path.abspath(options.state_file)), "monitor"),
     name=options.name,
     feedback=options.feedback,
+    rpc=options.rpc,
   )
   feedback = run.record["read"].get("feedback") or {}
   return Observation(window_alerts(run.windows), int(feedback.get("matched", 0)))

@@ -2,6 +2,7 @@
 clock; the lock; one smoke `run` end to end that promotes v1, and a second whose gate fails and
 is not promoted; bad input as one `error:` line with nothing promoted."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -168,21 +169,25 @@ def test_feedback_rows_join_the_training_split_only(tmp_path):
   assert flags["test_path"] == str(data / "test.npz")  # The gate's test split stays the user's.
 
 
-def _write_classify_log(path: str, rows: np.ndarray, request_id: str) -> None:
+def _write_classify_log(path: str, rows: np.ndarray, request_ids, model: str = "digits") -> None:
+  """One-row Classify records of `rows` under `request_ids` (one id: one record of every row)."""
   from mlops import prediction_log
   from serving.api_protos import example_pb2
 
-  examples = np.empty(len(rows), object)
-  for i, row in enumerate(rows):
-    example = example_pb2.Example()
-    example.features.feature["inputs"].float_list.value.extend(row.tolist())
-    examples[i] = example.SerializeToString()
-  labels = np.array([[str(c).encode() for c in range(10)]] * len(rows), object)
-  outputs = {"classes": labels, "scores": np.full((len(rows), 10), 0.1, np.float32)}
-  meta = prediction_log.RecordMetadata(request_id, 1, "digits", 1, rpc="Classify")
-  prediction_log.write_records(
-    path, [prediction_log.make_record({"inputs": examples}, outputs, meta)]
-  )
+  ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+  groups = [rows] if len(ids) == 1 else [row[None] for row in rows]
+  records = []
+  for request_id, group in zip(ids, groups, strict=True):
+    examples = np.empty(len(group), object)
+    for i, row in enumerate(group):
+      example = example_pb2.Example()
+      example.features.feature["inputs"].float_list.value.extend(row.tolist())
+      examples[i] = example.SerializeToString()
+    labels = np.array([[str(c).encode() for c in range(10)]] * len(group), object)
+    outputs = {"classes": labels, "scores": np.full((len(group), 10), 0.1, np.float32)}
+    meta = prediction_log.RecordMetadata(request_id, 1, model, 1, rpc="Classify")
+    records.append(prediction_log.make_record({"inputs": examples}, outputs, meta))
+  prediction_log.write_records(path, records)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -312,6 +317,20 @@ def _watch_sees_drift_through_the_real_monitor(tmp_path, name, run_options):
   seen = pipeline_watch.observe_with_monitor(options)
   assert seen.labelled_rows == 300 and len(seen.window_alerts) == 3
   assert all("drift" in kinds for kinds in seen.window_alerts), seen.window_alerts
+  # The same traffic as Classifies: judged with --rpc=Classify, invisible to a Predict watch.
+  classify_logs = tmp_path / "classify_logs"
+  classify_logs.mkdir()
+  _write_classify_log(str(classify_logs / "a.log"), rows, ids, model=name)
+  classify = pipeline_watch.WatchOptions(
+    **{**options.__dict__, "logs": str(classify_logs), "rpc": "Classify"}
+  )
+  seen_classify = pipeline_watch.observe_with_monitor(classify)
+  assert seen_classify.labelled_rows == 300 and len(seen_classify.window_alerts) == 3
+  assert all("drift" in kinds for kinds in seen_classify.window_alerts)
+  from mlops import monitor
+
+  with pytest.raises(monitor.MonitorError, match="no record fits"):
+    pipeline_watch.observe_with_monitor(dataclasses.replace(classify, rpc="Predict"))
   triggers = []
   pipeline_watch.watch(
     options,
