@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from serving import contract
-from serving.server.log_format import top_classes
+from serving.server.log_format import label_strings, top_classes
 
 _KIND_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
 
@@ -57,7 +57,5 @@ def classify_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   if scores is not None:
     read["scores"] = scores
   if classes is not None:
-    read["class_labels"] = np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[str])(
-      classes
-    )
+    read["class_labels"] = label_strings(classes)
   return read

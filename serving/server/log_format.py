@@ -56,6 +56,13 @@ class RecordMetadata:
 RPCS = ("Predict", "Classify", "Regress")
 
 
+def label_strings(labels: np.ndarray) -> np.ndarray:
+  """Class labels (bytes, as a DT_STRING tensor holds them) as a str array of the same shape."""
+  labels = np.asarray(labels)
+  flat = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in labels.flat]
+  return np.array(flat, dtype=str).reshape(labels.shape)
+
+
 def top_classes(classes: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray | None:
   """Each row's top-scoring class of a Classify's outputs (`classes` [batch, k] labels as bytes,
   `scores` [batch, k]): int64 when every label is an integer (the class indices this project's
@@ -71,7 +78,7 @@ def top_classes(classes: np.ndarray | None, scores: np.ndarray | None) -> np.nda
     if scores is None
     else classes[np.arange(len(classes)), np.argmax(np.asarray(scores).reshape(classes.shape), 1)]
   )
-  labels = np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in top])
+  labels = label_strings(top)
   try:
     return labels.astype(np.int64)
   except ValueError:
