@@ -149,19 +149,26 @@ class RequestHandlers:
     return Prediction(Served(served.model_name, served.version, signature.name), outputs)
 
   def classify(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
-    served = self.resolve(spec)
-    signature = classify_regress.classification_signature(served, spec.signature_name)
-    examples = classify_regress.serialized_examples(_examples(examples, served, signature))
-    outputs = self._run(served, signature, {classify_regress.INPUTS: examples})
-    result = classify_regress.classification_result(outputs, len(examples))
-    return Result(Served(served.model_name, served.version, signature.name), result)
+    return self._on_examples(
+      spec,
+      examples,
+      classify_regress.classification_signature,
+      classify_regress.classification_result,
+    )
 
   def regress(self, spec: ModelSpec, examples: ExamplesInput) -> Result:
+    return self._on_examples(
+      spec, examples, classify_regress.regression_signature, classify_regress.regression_result
+    )
+
+  def _on_examples(self, spec: ModelSpec, examples: ExamplesInput, signature_of, result_of):
+    """Classify or Regress: the signature `signature_of` finds, run on the serialized
+    Examples, its outputs made a result by `result_of`."""
     served = self.resolve(spec)
-    signature = classify_regress.regression_signature(served, spec.signature_name)
+    signature = signature_of(served, spec.signature_name)
     examples = classify_regress.serialized_examples(_examples(examples, served, signature))
     outputs = self._run(served, signature, {classify_regress.INPUTS: examples})
-    result = classify_regress.regression_result(outputs, len(examples))
+    result = result_of(outputs, len(examples))
     return Result(Served(served.model_name, served.version, signature.name), result)
 
   def _run(self, served: LoadedVersion, signature: SignatureInfo, arrays, output_filter=()):
@@ -290,6 +297,9 @@ class RequestPath:
     start = time.perf_counter()
     context = RequestContext(request_context.request_id(headers), headers or {})
     context.deadline = deadline
+    # Drawn before the work, so that the work records arrays only for what will read them.
+    log_config, mirror = self._draw_hooks(method, spec)
+    context.wants_arrays = log_config is not None or mirror is not None
     if self.traffic is not None and method in ROUTED_METHODS:
       context.split = self.traffic.split_for(spec.name)
     value = served = None
@@ -305,18 +315,30 @@ class RequestPath:
     seconds = time.perf_counter() - start
     version = served.version if served is not None else (context.version or spec.version)
     self.metrics.observe(api, method, spec.name, version, code.name, seconds)
-    if method in ROUTED_METHODS and (self.logger is not None or self.shadows is not None):
-      self._after_answer(method, spec, context, code, start_us, seconds)
+    if context.wants_arrays:
+      self._after_answer(log_config, mirror, method, spec, context, code, start_us, seconds)
     return Outcome(code, message, value, served, context.request_id, context.arm)
 
-  def _after_answer(
-    self, rpc: str, spec, context: RequestContext, code, start_us: int, seconds: float
-  ):
-    """Logs a sampled Predict, Classify or Regress and queues its shadow copy; neither blocks."""
+  def _draw_hooks(self, method: str, spec: ModelSpec):
+    """(the model's logging config if this request is sampled for the log, the traffic
+    policy's mirror if it is drawn for a copy), each None otherwise."""
+    if method not in ROUTED_METHODS or (self.logger is None and self.shadows is None):
+      return None, None
     config = self.handlers.models.configs.get(spec.name)
     logging_config = config.logging if config is not None else None
     logged = self.logger is not None and PredictionLogger.sampled(logging_config)
-    if logged:
+    mirror = None
+    if self.shadows is not None and self.traffic is not None:
+      mirror = self.traffic.mirror_for(spec.name)
+      mirror = mirror if mirror is not None and mirror.sampled() else None
+    return (logging_config if logged else None), mirror
+
+  def _after_answer(
+    self, logging_config, mirror, rpc: str, spec, context: RequestContext, code, start_us, seconds
+  ):
+    """Logs a sampled Predict, Classify or Regress and queues its drawn shadow copy; neither
+    blocks. A request served by the mirror's own label gets no copy."""
+    if logging_config is not None:
       meta = log_format.RecordMetadata(
         request_id=context.request_id,
         time_us=start_us,
@@ -340,8 +362,5 @@ class RequestPath:
           (spec.version, spec.label),
         )
       )
-    if self.shadows is not None and self.traffic is not None and context.inputs is not None:
-      mirror = self.traffic.mirror_for(spec.name)
-      if mirror is not None and mirror.label != context.label and mirror.sampled():
-        log_config = logging_config if logged else None
-        self.shadows.submit(spec, context, log_config, mirror.label, rpc)
+    if mirror is not None and context.inputs is not None and mirror.label != context.label:
+      self.shadows.submit(spec, context, logging_config, mirror.label, rpc)

@@ -40,6 +40,9 @@ class RequestContext:
   inputs: Mapping[str, np.ndarray] | None = None
   outputs: Mapping[str, np.ndarray] | None = None
   version: int | None = None  # The version that served (or was resolved for) the request.
+  # Whether the log or a mirror may read `inputs`/`outputs`: where recording them costs work
+  # (the router rebuilding a Classify's tensors), it is skipped when False.
+  wants_arrays: bool = True
   deadline: float | None = None  # The client's deadline (time.monotonic()), when it set one.
 
   def route(self, version: int | None, label: str) -> str:
