@@ -126,22 +126,16 @@ def test_shifted_traffic_drifts_and_unshifted_does_not(saved_model, logs, tmp_pa
 
 def test_classify_traffic_is_judged_with_rpc_classify(saved_model, logs, tmp_path):
   """The module's Predict traffic again as one-example Classifies: the same verdicts."""
-  from serving.api_protos import example_pb2
-
   directory, _, _ = logs
   predict = prediction_log.read_logs(directory)
   records = []
   for i, (row, scores) in enumerate(
     zip(predict.inputs["inputs"], predict.outputs["probabilities"], strict=True)
   ):
-    example = example_pb2.Example()
-    example.features.feature["inputs"].float_list.value.extend(row.ravel().tolist())
-    labels = np.array([[str(c).encode() for c in range(len(scores))]], object)
-    time_us = int(predict.time_us[i])
-    meta = prediction_log.RecordMetadata(f"c{i}", time_us, "digits", 1, rpc="Classify")
-    outputs = {"classes": labels, "scores": scores[None]}
-    examples = np.array([example.SerializeToString()], object)
-    records.append(prediction_log.make_record({"inputs": examples}, outputs, meta))
+    meta = prediction_log.RecordMetadata(
+      f"c{i}", int(predict.time_us[i]), "digits", 1, rpc="Classify"
+    )
+    records.append(prediction_logs.classify_record(row[None], meta, scores[None]))
   classify_logs = tmp_path / "classify"
   classify_logs.mkdir()
   prediction_log.write_records(str(classify_logs / "log"), records)

@@ -172,21 +172,14 @@ def test_feedback_rows_join_the_training_split_only(tmp_path):
 def _write_classify_log(path: str, rows: np.ndarray, request_ids, model: str = "digits") -> None:
   """One-row Classify records of `rows` under `request_ids` (one id: one record of every row)."""
   from mlops import prediction_log
-  from serving.api_protos import example_pb2
+  from tests.helpers import prediction_logs
 
   ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
   groups = [rows] if len(ids) == 1 else [row[None] for row in rows]
   records = []
   for request_id, group in zip(ids, groups, strict=True):
-    examples = np.empty(len(group), object)
-    for i, row in enumerate(group):
-      example = example_pb2.Example()
-      example.features.feature["inputs"].float_list.value.extend(row.tolist())
-      examples[i] = example.SerializeToString()
-    labels = np.array([[str(c).encode() for c in range(10)]] * len(group), object)
-    outputs = {"classes": labels, "scores": np.full((len(group), 10), 0.1, np.float32)}
     meta = prediction_log.RecordMetadata(request_id, 1, model, 1, rpc="Classify")
-    records.append(prediction_log.make_record({"inputs": examples}, outputs, meta))
+    records.append(prediction_logs.classify_record(group, meta))
   prediction_log.write_records(path, records)
 
 

@@ -11,6 +11,7 @@ pytest.importorskip("tensorflow_serving", reason="logs are TF Serving protos (ma
 
 from mlops import prediction_log
 from mlops.prediction_log import RecordMetadata
+from tests.helpers import prediction_logs
 
 
 def _record(rows, request_id, *, model="digits", version=1, status=0, inputs=None, time_us=0):
@@ -121,21 +122,6 @@ def test_an_empty_directory_is_an_error(tmp_path):
     prediction_log.read_logs(str(tmp_path))
 
 
-def _examples(rows, extra=None) -> np.ndarray:
-  from serving.api_protos import example_pb2
-
-  serialized = []
-  for i, row in enumerate(rows):
-    example = example_pb2.Example()
-    example.features.feature["inputs"].float_list.value.extend(row.tolist())
-    if extra is not None:
-      example.features.feature[extra].int64_list.value.append(i)
-    serialized.append(example.SerializeToString())
-  array = np.empty(len(serialized), object)
-  array[:] = serialized
-  return array
-
-
 def _rpc_record(rpc, inputs, outputs, request_id, status=0):
   meta = RecordMetadata(request_id, 0, "digits", 1, status_code=status, rpc=rpc)
   return prediction_log.make_record(inputs, outputs, meta, signature_name=rpc.lower())
@@ -147,12 +133,25 @@ def test_classify_and_regress_records_read_as_features_and_predictions(tmp_path,
   records = [
     _record(rows[:1], "predict"),
     _rpc_record(
-      "Classify", {"inputs": _examples(rows[:2])}, {"classes": labels, "scores": scores}, "c"
+      "Classify",
+      {"inputs": prediction_logs.serialized_examples(rows[:2])},
+      {"classes": labels, "scores": scores},
+      "c",
     ),
-    _rpc_record("Classify", {"inputs": _examples(rows[:2], extra="id")}, {"scores": scores}, "c2"),
-    _rpc_record("Classify", {"inputs": _examples(rows[:1])}, {}, "failed", status=3),
     _rpc_record(
-      "Regress", {"inputs": _examples(rows[2:5])}, {"outputs": np.ones(3, np.float32)}, "r"
+      "Classify",
+      {"inputs": prediction_logs.serialized_examples(rows[:2], counter="id")},
+      {"scores": scores},
+      "c2",
+    ),
+    _rpc_record(
+      "Classify", {"inputs": prediction_logs.serialized_examples(rows[:1])}, {}, "failed", status=3
+    ),
+    _rpc_record(
+      "Regress",
+      {"inputs": prediction_logs.serialized_examples(rows[2:5])},
+      {"outputs": np.ones(3, np.float32)},
+      "r",
     ),
   ]
   prediction_log.write_records(str(tmp_path / "log"), records)

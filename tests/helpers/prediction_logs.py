@@ -56,3 +56,30 @@ def write_log(
   os.makedirs(os.path.dirname(path), exist_ok=True)
   prediction_log.write_records(path, records)
   return ids
+
+
+def serialized_examples(rows: np.ndarray, counter: str | None = None) -> np.ndarray:
+  """`rows` as serialized tf.Examples (a 1-D object array, as the server feeds a Classify), each
+  row the float feature `inputs`; with `counter`, also an int64 feature of that name holding the
+  row's index. Built from the protos alone (no TensorFlow runtime)."""
+  from serving.api_protos import example_pb2
+
+  serialized = np.empty(len(rows), object)
+  for i, row in enumerate(rows):
+    example = example_pb2.Example()
+    example.features.feature["inputs"].float_list.value.extend(np.ravel(row).tolist())
+    if counter is not None:
+      example.features.feature[counter].int64_list.value.append(i)
+    serialized[i] = example.SerializeToString()
+  return serialized
+
+
+def classify_record(
+  rows: np.ndarray, meta: prediction_log.RecordMetadata, scores: np.ndarray | None = None
+) -> bytes:
+  """A logged Classify of `rows` (classes "0".."k-1" with `scores`, default uniform over 10)."""
+  if scores is None:
+    scores = np.full((len(rows), 10), 0.1, np.float32)
+  labels = np.array([[str(c).encode() for c in range(scores.shape[1])]] * len(rows), object)
+  outputs = {"classes": labels.reshape(len(rows), -1), "scores": scores}
+  return prediction_log.make_record({"inputs": serialized_examples(rows)}, outputs, meta)
