@@ -11,7 +11,6 @@ its error status (UNAVAILABLE when it is down) is the request's.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import threading
@@ -113,9 +112,7 @@ class RouterHandlers:
 
   def with_context(self, context: RequestContext) -> RouterHandlers:
     """These handlers bound to one request (as RequestHandlers.with_context)."""
-    bound = copy.copy(self)  # Shares the backend and the signature cache.
-    bound.context = context
-    return bound
+    return request_context.bind(self, context)  # Shares the backend and the signature cache.
 
   def _route(self, spec: ModelSpec) -> str:
     if self.context is None:

@@ -9,7 +9,6 @@ model spec becomes a loaded version.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -126,9 +125,7 @@ class RequestHandlers:
 
   def with_context(self, context: RequestContext) -> RequestHandlers:
     """These handlers bound to one request: its split applies and its arrays are recorded."""
-    bound = copy.copy(self)
-    bound.context = context
-    return bound
+    return request_context.bind(self, context)
 
   def resolve(self, spec: ModelSpec) -> LoadedVersion:
     """The loaded version that serves `spec`: the one place requests meet versions. A spec
