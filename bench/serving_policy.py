@@ -9,7 +9,8 @@ with one-row requests carrying an x-user-id:
 
 1. Throughput with 32 requests in flight (bench/serving_latency.py's closed loop), rounds
    alternating over the servers so drift in the machine's load hits all alike: policy / plain
-   (goal >= 0.95x) and shadow / plain.
+   (goal >= 0.95x) and shadow / plain; and each server process's CPU per request in those
+   rounds (log writer and shadow threads included), steadier than throughput on shared cores.
 2. p50 latency at concurrency 1: policy - plain (the added cost of routing + logging; goal <=
    50 us) and shadow / plain (goal <= 1.05x when a core is free for the shadow).
 
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import serving_latency  # noqa: E402  (its flags: --model_base_path, --seconds, --channels)
 
+from bench.grpc_echo import process_cpu_seconds  # noqa: E402
 from tests.helpers import model_server  # noqa: E402
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating throughput rounds per server.")
@@ -194,13 +196,17 @@ def _servers(tmp: str) -> None:
     request.inputs["inputs"].CopyFrom(tf.make_tensor_proto(model_server.digits_pixels(1)))
     stubs = {name: serving_latency._stubs(s, FLAGS.channels) for name, s in servers.items()}
     rates = {name: [] for name in servers}
+    cpu_ms = {name: [] for name in servers}  # The server process's CPU per request, by round.
     errors = 0
     for _ in range(_ROUNDS.value):
-      for name in servers:
+      for name, server in servers.items():
+        cpu_before = process_cpu_seconds(server.proc.pid)
         rate, failed = serving_latency._throughput(
           stubs[name], request, _IN_FLIGHT.value, FLAGS.seconds, metadata=user_metadata
         )
+        cpu = process_cpu_seconds(server.proc.pid) - cpu_before
         rates[name].append(rate)
+        cpu_ms[name].append(cpu * 1e3 / max(rate * FLAGS.seconds, 1))
         errors += failed
     p50 = {}
     for name, server in servers.items():
@@ -210,6 +216,7 @@ def _servers(tmp: str) -> None:
         return stub.Predict(request, timeout=30, metadata=[("x-user-id", "u1")])
 
       p50[name] = float(np.percentile(serving_latency._latencies(call, FLAGS.seconds), 50)) * 1e3
+    report_cpu(cpu_ms)
     report(
       rates,
       p50,
@@ -218,6 +225,19 @@ def _servers(tmp: str) -> None:
   finally:
     for server in servers.values():
       server.stop()
+
+
+def report_cpu(cpu_ms: dict[str, list[float]], baseline: str = "plain") -> None:
+  """A markdown table of each server's CPU per request in the throughput rounds (median), the
+  writer and shadow threads included: on a machine whose cores are shared with the client,
+  this ratio is steadier than throughput and bounds it when the server is CPU-bound."""
+  median = {name: statistics.median(values) for name, values in cpu_ms.items()}
+  print("\nServer process CPU per request during the throughput rounds (ms, median):\n")
+  print(f"| server | CPU ms / request | / {baseline} | rounds |")
+  print("|---|---|---|---|")
+  for name, value in median.items():
+    rounds = ", ".join(f"{v:.3f}" for v in cpu_ms[name])
+    print(f"| {name} | {value:.3f} | {value / median[baseline]:.3f} | {rounds} |")
 
 
 def report(
