@@ -1,10 +1,12 @@
 """The model server with a --model_config_file: several models (a language model and digits
-versions 1 and 2), labels moved by the polled file and by HandleReloadConfigRequest (each move
+versions 1 and 2, on TF Serving's --tensorflow_{intra,inter}_op_parallelism), labels moved by the polled file and by HandleReloadConfigRequest (each move
 logged), reload base paths confined to --model_base_path_roots, and server-side batching
 (merged batches answer as unbatched ones; warmup runs every padded batch size)."""
 
 import concurrent.futures
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -83,7 +85,12 @@ def lm_server(digits, tmp_path_factory):
       }}
     }}"""
   )
-  args = [*model_server.QUICK_ARGS, f"--model_config_file={root / 'models.config'}"]
+  args = [
+    *model_server.QUICK_ARGS,
+    f"--model_config_file={root / 'models.config'}",
+    "--tensorflow_intra_op_parallelism=1",
+    "--tensorflow_inter_op_parallelism=2",
+  ]
   with model_server.Server(args, str(root / "server.log"), model_name="lm") as server:
     yield server, loading.load(str(root / "run")), str(root / "models" / "1")
 
@@ -133,6 +140,8 @@ def test_model_config_file_serves_several_models_and_versions(lm_server, pixels,
     check_outputs(outputs_of(response), expected, slice(3))
     versions[str(spec)] = response.model_spec.version.value
   assert list(versions.values()) == [1, 2, 2]
+  # TF Serving's thread flags reached TensorFlow (read back from tf.config.threading).
+  assert "TensorFlow op threads: intra-op 1, inter-op 2" in server.log_text()
   status, result = server.get("/v1/models/digits")
   assert [(v["version"], v["state"]) for v in result["model_version_status"]] == [
     ("1", "AVAILABLE"),
@@ -295,3 +304,27 @@ def test_warmup_runs_every_padded_batch_size(digits, tmp_path):
   for signature in ("serving_default", "classify"):
     sizes = {n for name, n in Recording.sizes if name == signature}
     assert {3, 8, 12} <= sizes, (signature, Recording.sizes)
+
+
+def test_negative_thread_counts_are_one_error_line(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "serving.server",
+      "--port=0",
+      f"--model_base_path={tmp_path}",
+      "--tensorflow_inter_op_parallelism=-2",
+    ],
+    cwd=model_server.REPO,
+    env=model_server.SERVER_ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert errors == [
+    "error: --tensorflow_inter_op_parallelism=-2 must be 0 (the default) or more"
+  ], proc.stderr

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -124,18 +125,54 @@ _SHADOW_WORKERS = flags.DEFINE_integer(
 _SHADOW_QUEUE_SIZE = flags.DEFINE_integer(
   "shadow_queue_size", 64, "Shadow requests waiting for a worker at most; more are dropped."
 )
+# TF Serving's flags of the same names; 0 lets TensorFlow choose (one thread per core). For
+# small models under concurrent requests, 1 often serves faster: the requests are the
+# parallelism, and idle pool threads spin (docs/benchmarks.md).
+_INTRA_OP_THREADS = flags.DEFINE_integer(
+  "tensorflow_intra_op_parallelism", 0, "Threads one op may use; 0: TensorFlow's default."
+)
+_INTER_OP_THREADS = flags.DEFINE_integer(
+  "tensorflow_inter_op_parallelism", 0, "Threads running ops side by side; 0: the default."
+)
 _SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )
+
+
+def _usage_error(message: str) -> NoReturn:
+  """One `error:` line on stderr, exit 1 (absl's UsageError would print the module's docstring
+  first)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _set_tensorflow_threads() -> None:
+  """Applies --tensorflow_{intra,inter}_op_parallelism (before any model loads)."""
+  import tensorflow as tf
+
+  for flag, set_threads in (
+    (_INTRA_OP_THREADS, tf.config.threading.set_intra_op_parallelism_threads),
+    (_INTER_OP_THREADS, tf.config.threading.set_inter_op_parallelism_threads),
+  ):
+    if flag.value < 0:
+      _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
+    if flag.value:
+      set_threads(flag.value)
+  threading_config = tf.config.threading
+  logging.info(
+    "TensorFlow op threads: intra-op %d, inter-op %d (0: TensorFlow's default)",
+    threading_config.get_intra_op_parallelism_threads(),
+    threading_config.get_inter_op_parallelism_threads(),
+  )
 
 
 def _model_configs():
   from serving.server import model_config
 
   if _MODEL_CONFIG_FILE.value and _MODEL_BASE_PATH.value:
-    raise app.UsageError("give --model_config_file or --model_base_path, not both")
+    _usage_error("give --model_config_file or --model_base_path, not both")
   if not _MODEL_CONFIG_FILE.value and not _MODEL_BASE_PATH.value:
-    raise app.UsageError("--model_base_path (or --model_config_file) is required")
+    _usage_error("--model_base_path (or --model_config_file) is required")
   try:
     if _MODEL_CONFIG_FILE.value:
       if _VERSION_LABELS.value:
@@ -149,7 +186,7 @@ def _model_configs():
       )
     ]
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    _usage_error(str(e))
 
 
 def _batch_scheduler(server_metrics):
@@ -160,7 +197,7 @@ def _batch_scheduler(server_metrics):
   try:
     options = batching.read_batching_parameters(_BATCHING_PARAMETERS_FILE.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    _usage_error(str(e))
   logging.info("Batching: %s", options)
   return batching.BatchScheduler(options, server_metrics.observe_batch)
 
@@ -215,11 +252,9 @@ def _traffic_policy(configs, models, server_metrics):
       text, f"--traffic_config_file={path}", {c.name: set(c.version_labels) for c in configs}
     )
   except OSError as e:
-    print(f"error: cannot read --traffic_config_file={path}: {e.strerror}", file=sys.stderr)
-    sys.exit(1)
+    _usage_error(f"cannot read --traffic_config_file={path}: {e.strerror}")
   except traffic.TrafficConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _usage_error(str(e))
   return policy
 
 
@@ -243,15 +278,15 @@ def _base_path_roots(configs) -> list[str]:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _usage_error(f"unexpected arguments: {argv[1:]}")
   from serving.server import workers
 
   worker = workers.worker_index()
   if _NUM_WORKERS.value < 1:
-    raise app.UsageError(f"--num_workers={_NUM_WORKERS.value} must be at least 1")
+    _usage_error(f"--num_workers={_NUM_WORKERS.value} must be at least 1")
   if _NUM_WORKERS.value > 1 and worker is None:
     if _PORT.value == 0:
-      raise app.UsageError("--num_workers > 1 needs a fixed --port (workers share it)")
+      _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")
     sys.exit(workers.supervise(_NUM_WORKERS.value, sys.argv))  # Before TensorFlow is imported.
   _serve(worker)
 
@@ -271,6 +306,7 @@ def _serve(worker: int | None) -> None:
   from serving.server.errors import ServingError
 
   configs = _model_configs()
+  _set_tensorflow_threads()
   server_metrics = metrics.Metrics()
   batch_scheduler = _batch_scheduler(server_metrics)
   models = served_models.ServedModels(
