@@ -5,8 +5,6 @@ logged), reload base paths confined to --model_base_path_roots, and server-side 
 
 import concurrent.futures
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -307,20 +305,11 @@ def test_warmup_runs_every_padded_batch_size(digits, tmp_path):
 
 
 def test_negative_thread_counts_are_one_error_line(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "serving.server",
-      "--port=0",
-      f"--model_base_path={tmp_path}",
-      "--tensorflow_inter_op_parallelism=-2",
-    ],
-    cwd=model_server.REPO,
-    env=model_server.SERVER_ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = model_server.run_module(
+    "serving.server",
+    "--port=0",
+    f"--model_base_path={tmp_path}",
+    "--tensorflow_inter_op_parallelism=-2",
   )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr

@@ -6,8 +6,6 @@ before its last test."""
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -342,20 +340,8 @@ def test_client_cli(server, pixels, expected, tmp_path):
   inputs.write_text(json.dumps({"inputs": pixels[:3].tolist()}))
 
   def client(*args, server_address=f"127.0.0.1:{server.grpc_port}"):
-    return subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "serving.client",
-        f"--server={server_address}",
-        "--model=digits",
-        *args,
-      ],
-      cwd=model_server.REPO,
-      env=model_server.SERVER_ENV,
-      capture_output=True,
-      text=True,
-      timeout=300,
+    return model_server.run_module(
+      "serving.client", f"--server={server_address}", "--model=digits", *args
     )
 
   result = client(f"--input={inputs}", "--json")

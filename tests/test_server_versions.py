@@ -5,8 +5,6 @@ last test; the tests change its base path on disk in order."""
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 
@@ -144,21 +142,12 @@ def test_a_broken_version_is_reported_never_served_and_retried(server, pixels):
 
 
 def test_a_label_naming_no_available_version_stops_the_server_at_start(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "serving.server",
-      "--port=0",
-      "--model_name=digits",
-      f"--model_base_path={tmp_path}",
-      "--version_labels=stable=1",
-    ],
-    cwd=model_server.REPO,
-    env=model_server.SERVER_ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = model_server.run_module(
+    "serving.server",
+    "--port=0",
+    "--model_name=digits",
+    f"--model_base_path={tmp_path}",
+    "--version_labels=stable=1",
   )
   assert proc.returncode == 1
   assert "version labels may only name available versions" in proc.stderr

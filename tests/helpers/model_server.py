@@ -97,6 +97,19 @@ def jax_digits_outputs(workdir: str, pixels: np.ndarray) -> dict[str, np.ndarray
   return {"probabilities": np.asarray(jax.nn.softmax(logits)), "classes": np.argmax(logits, -1)}
 
 
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m module *args` in the repository, run to its exit (start-up errors, CLIs), its
+  output captured as text."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=SERVER_ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
 class Server:
   """`python -m serving.server --port=... --rest_api_port=... *args`, on free ports (bound to
   127.0.0.1 by default), its output in `log_path`; `model_name` is the model `wait_ready` waits
