@@ -1,7 +1,8 @@
 """The model server with a --model_config_file: several models (a language model and digits
-versions 1 and 2, on TF Serving's --tensorflow_{intra,inter}_op_parallelism), labels moved by the polled file and by HandleReloadConfigRequest (each move
-logged), reload base paths confined to --model_base_path_roots, and server-side batching
-(merged batches answer as unbatched ones; warmup runs every padded batch size)."""
+versions 1 and 2, on TF Serving's --tensorflow_{intra,inter}_op_parallelism), labels moved by
+the polled file and by HandleReloadConfigRequest (each move logged), reload base paths confined
+to --model_base_path_roots, and server-side batching (merged batches answer as unbatched ones;
+warmup runs every padded batch size)."""
 
 import concurrent.futures
 import os
