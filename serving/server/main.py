@@ -147,15 +147,14 @@ def _usage_error(message: str) -> NoReturn:
 
 
 def _set_tensorflow_threads() -> None:
-  """Applies --tensorflow_{intra,inter}_op_parallelism (before any model loads)."""
+  """Applies --tensorflow_{intra,inter}_op_parallelism (checked in `main`) before any model
+  loads."""
   import tensorflow as tf
 
   for flag, set_threads in (
     (_INTRA_OP_THREADS, tf.config.threading.set_intra_op_parallelism_threads),
     (_INTER_OP_THREADS, tf.config.threading.set_inter_op_parallelism_threads),
   ):
-    if flag.value < 0:
-      _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
     if flag.value:
       set_threads(flag.value)
   threading_config = tf.config.threading
@@ -284,6 +283,9 @@ def main(argv: list[str]) -> None:
   worker = workers.worker_index()
   if _NUM_WORKERS.value < 1:
     _usage_error(f"--num_workers={_NUM_WORKERS.value} must be at least 1")
+  for flag in (_INTRA_OP_THREADS, _INTER_OP_THREADS):  # Before workers start or TF loads.
+    if flag.value < 0:
+      _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
   if _NUM_WORKERS.value > 1 and worker is None:
     if _PORT.value == 0:
       _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")

@@ -88,8 +88,7 @@ class Metrics:
   def observe(
     self, api: str, method: str, model: str, version: int | None, code: str, seconds: float
   ) -> None:
-    # Names from requests are not labels: an attacker could grow the series without bound.
-    model = model if model in self.model_names else "unknown"
+    model = self._known(model)
     version_label = "" if version is None else str(version)
     self._child(self.requests, api, method, model, version_label, code).inc()
     self._child(self.latency, api, method, model, version_label).observe(seconds)
