@@ -9,16 +9,18 @@ Part 1 trains the same model on the same synthetic data three ways, in two setup
   * medium (`--medium`, default the cnn on 8x8x1 inputs, the model and shapes of `make run`,
     about 17 ms a step on a CPU): a step whose compute dominates, as on a real model.
 The three variants, run once per repeat, interleaved so that drift in machine speed hits all alike:
-  * trainer: `trainer.train.train_and_evaluate` as is (grain input pipeline, every step's loss,
-    gradient/parameter/update norms and learning rate read back and logged every 100 steps,
+  * trainer: `trainer.train.train_and_evaluate` as is (grain input pipeline, every step's loss
+    and learning rate read back and logged every 100 steps with the gradient/parameter/update
+    norms of the logging step,
     async checkpoints every 500 steps, one eval at the end); its `steps_per_sec` excludes the
     first (compiling) step and the eval;
   * minimal: `jax.jit` of a hand-written step (same flax model, same optax optimizer, same loss)
     over batches pre-built as numpy arrays, `jax.device_put` each step, timed after one warmup
     step up to `block_until_ready`;
   * diagnostic: the minimal loop around the trainer's own jitted step
-    (`build_experiment(...).loop_step`): what the step's extra metrics cost, and, against the
-    trainer, what everything around the step costs.
+    (`build_experiment(...).loop_step`, the one it runs on steps it does not log, without the
+    norms): what the step's extra metrics cost, and, against the trainer, what everything around
+    the step costs.
 It also times the trainer's input pipeline alone (no training), in batches/s.
 
 Part 2 times `Checkpointer.save` with async_save on and off, on the state of the tiny setup's

@@ -1,5 +1,8 @@
 """The language model: packing, masking, decoding, sharding, remat, FLOPs."""
 
+import dataclasses
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,9 +259,35 @@ def test_remat_policies_compute_the_same_step(step_without_remat, remat):
   )
 
 
-def test_no_recompilation_after_the_first_step(tmp_path):
-  config = _lm_config(**{"train.num_steps": 6, "eval.every_steps": 3, "checkpoint.every_steps": 2})
+class _CountingStep:
+  """A jitted step whose lowerings and calls of the compiled executable are counted."""
+
+  def __init__(self, jitted):
+    self.jitted, self.lowerings, self.calls = jitted, 0, 0
+
+  def lower(self, *args):
+    self.lowerings += 1
+    compiled = self.jitted.lower(*args).compile()
+
+    def call(*call_args):
+      self.calls += 1
+      return compiled(*call_args)
+
+    return types.SimpleNamespace(compile=lambda: call)
+
+
+def test_steps_compile_once_and_norms_run_only_where_metrics_are_read(tmp_path):
+  config = _lm_config(
+    **{
+      "train.num_steps": 6,
+      "train.log_every_steps": 3,
+      "eval.every_steps": 3,
+      "checkpoint.every_steps": 2,
+    }
+  )
   experiment = train.build_experiment(config)
+  plain, diagnostic = _CountingStep(experiment.loop_step), _CountingStep(experiment.diagnostic_step)
+  experiment = dataclasses.replace(experiment, loop_step=plain, diagnostic_step=diagnostic)
   from trainer import checkpointing
   from trainer.metrics import MetricWriter
 
@@ -272,10 +301,15 @@ def test_no_recompilation_after_the_first_step(tmp_path):
   result = loop.run(state, iterator)
   checkpointer.close()
   assert result.step == 6
-  # The loop's own jitted steps compiled once each, through 6 steps, 2 evals, 3 saves and
-  # the final test eval (same shapes): nothing retraced.
-  assert experiment.loop_step._cache_size() == 1
+  # Each step compiled once, before the first step, through 6 steps, 2 evals, 3 saves and the
+  # final test eval (a compiled executable never retraces); the norms ran on the steps saved,
+  # evaluated or logged (2, 3, 4, 6), the cheap step on the others (1, 5).
+  assert (plain.lowerings, diagnostic.lowerings) == (1, 1)
+  assert (plain.calls, diagnostic.calls) == (2, 4)
   assert experiment.eval_step._cache_size() == 1
+  assert (
+    result.train_metrics["train/grad_norm"] > 0 and result.train_metrics["train/param_norm"] > 0
+  )
 
 
 def test_bfloat16_lm_keeps_float32_parameters(tmp_path):

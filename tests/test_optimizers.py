@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from trainer import train
+from trainer import steps, train
 from trainer.optimizers import create_optimizer, create_schedule, decay_mask
 
 
@@ -124,9 +124,10 @@ def test_bfloat16_compute_keeps_float32_parameters(smoke_config):
 
 
 def test_the_loops_packed_step_matches_the_step_and_its_metrics_summarize(smoke_config):
-  """`loop_step` (what the loop runs) is `train_step` with its metrics as one vector in the
-  order of `metric_names`; StepMetrics averages those vectors per name and names the first
-  step whose loss or gradient norm is not finite."""
+  """`diagnostic_step` is `train_step` with its metrics as one vector in the order of
+  `metric_names`; `loop_step` is the same step reporting the norms as 0 (same state, same other
+  metrics); StepMetrics averages those vectors per name and names the first step whose loss or
+  gradient norm is not finite."""
   from trainer.errors import NonFiniteError
   from trainer.metrics import StepMetrics
 
@@ -139,10 +140,19 @@ def test_the_loops_packed_step_matches_the_step_and_its_metrics_summarize(smoke_
   }
   init = lambda: experiment.init_state(jax.random.PRNGKey(0))  # noqa: E731
   _, by_name = experiment.train_step(init(), batch)
-  state, packed = experiment.loop_step(init(), batch)
+  state, packed = experiment.diagnostic_step(init(), batch)
   assert set(by_name) == set(experiment.metric_names) and packed.shape == (len(by_name),)
   expected = [float(by_name[name]) for name in experiment.metric_names]
   np.testing.assert_allclose(np.asarray(packed), expected, rtol=1e-6)
+
+  plain_state, plain = experiment.loop_step(init(), batch)
+  norms = [experiment.metric_names.index(f"train/{name}") for name in steps.NORMS]
+  assert np.all(np.asarray(packed)[norms] > 0) and np.all(np.asarray(plain)[norms] == 0)
+  others = [i for i in range(len(expected)) if i not in norms]
+  np.testing.assert_allclose(np.asarray(plain)[others], np.asarray(packed)[others], rtol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), plain_state.params, state.params
+  )
 
   metrics = StepMetrics(experiment.metric_names, at_last_step=("train/learning_rate",))
   _, second = experiment.loop_step(state, batch)

@@ -103,6 +103,50 @@ def test_non_finite_loss_stops_and_is_never_checkpointed(smoke_config, tmp_path)
   assert all(step < bad_step for step in saved), (saved, bad_step)
 
 
+def test_preemption_on_a_step_without_norms_never_checkpoints_non_finite_parameters(
+  smoke_config, tmp_path, monkeypatch
+):
+  """Step 3 is neither logged, evaluated nor saved, so it runs without the norms; its update
+  (here made NaN) must still not reach the checkpoint that the preemption forces there."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from trainer import preemption
+  from trainer.metrics import MetricWriter
+
+  smoke_config.train.update(num_steps=10, log_every_steps=5)
+  smoke_config.eval.every_steps = 10
+  smoke_config.checkpoint.every_steps = 10
+  monkeypatch.setattr(preemption.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
+  experiment = train.build_experiment(smoke_config, jax.devices()[:1])
+  cheap_step = experiment.loop_step
+
+  class NaNParameters:  # The cheap step; its update at step 3 alone turns the parameters NaN.
+    def lower(self, *args):
+      compiled = cheap_step.lower(*args).compile()
+
+      def call(state, batch):
+        state, metrics = compiled(state, batch)
+        if int(state.step) != 3:
+          return state, metrics
+        nan = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+        return state.replace(params=nan), metrics
+
+      return type("Lowered", (), {"compile": lambda self: call})()
+
+  experiment = dataclasses.replace(experiment, loop_step=NaNParameters())
+  checkpointer = checkpointing.Checkpointer(
+    str(tmp_path), smoke_config.checkpoint, best_metric="eval/accuracy", best_mode="max"
+  )
+  state, iterator, _ = train._initial_state(experiment, checkpointer)
+  loop = train.TrainLoop(experiment, checkpointer, MetricWriter(str(tmp_path / "tb")), 0, None)
+  with pytest.raises(NonFiniteError, match="non-finite parameters at step 3"):
+    loop.run(state, iterator)
+  checkpointer.close()
+  assert checkpointing.existing_steps(str(tmp_path)) == []
+
+
 def test_keeps_last_k_plus_best_k(smoke_config, tmp_path):
   smoke_config.train.num_steps = 40
   smoke_config.checkpoint.update(every_steps=5, keep_last=2, keep_best=1)

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from trainer import checkpointing, perf, tracking, watchdog
+from trainer import checkpointing, perf, steps, tracking, watchdog
 from trainer.data import pipeline as input_pipeline
+from trainer.errors import NonFiniteError
 from trainer.metrics import MetricWriter, ProgressLogger, StepMetrics
 from trainer.preemption import PreemptionWatcher
 from trainer.train_state import TrainState
@@ -121,7 +122,11 @@ class TrainLoop:
     self.checkpointer = checkpointer
     self.writer = writer
     self.start_step = start_step
-    self.step_metrics = StepMetrics(experiment.metric_names)
+    # The norms are computed on the steps read back only (_reads_metrics), which include the
+    # interval's last: they are logged as their value there.
+    self.step_metrics = StepMetrics(
+      experiment.metric_names, at_last_step=tuple(f"train/{name}" for name in steps.NORMS)
+    )
     self.progress = ProgressLogger(
       self.config.train.num_steps, start_step, enabled=jax.process_index() == 0
     )
@@ -133,6 +138,12 @@ class TrainLoop:
     self.eval_metrics: dict[str, float] = {}
     self.eval_seconds = 0.0
     self.watchdog = watchdog.StepWatchdog.from_config(self.config.train)
+    # Read once: a ConfigDict lookup costs ~1 us, which adds up against a 1 ms step.
+    self._log_every = self.config.train.log_every_steps
+    self._eval_every = self.config.eval.every_steps
+    self._checkpoint_every = self.config.checkpoint.every_steps
+    self._num_steps = self.config.train.num_steps
+    self._plain_step = self._diagnostic_step = None
     self.perf_args = dict(
       global_batch=self.config.train.global_batch_size,
       tokens_per_example=experiment.task.tokens_per_example,
@@ -145,39 +156,42 @@ class TrainLoop:
 
   def run(self, state: TrainState, data_iterator) -> TrainResult:
     num_steps = self.config.train.num_steps
-    # Read once: a ConfigDict lookup costs ~1 us, which adds up against a 1 ms step.
-    log_every, eval_every = self.config.train.log_every_steps, self.config.eval.every_steps
-    checkpoint_every = self.config.checkpoint.every_steps
     step = self.start_step
     loop_start = time.perf_counter()
     stopped_early = preempted = False
     with PreemptionWatcher() as preemption, self.watchdog as progress:
       while step < num_steps:
         batch = progress.next_batch(data_iterator, step + 1)
-        with progress.stage("compile" if step == self.start_step else "step dispatch"):
-          state, metrics = self.experiment.loop_step(state, batch)
+        if step == self.start_step:
+          with progress.stage("compile"):
+            self._compile_steps(state, batch)
+        diagnosed = self._reads_metrics(step + 1)
+        with progress.stage("step dispatch"):
+          state, metrics = (self._diagnostic_step if diagnosed else self._plain_step)(state, batch)
         step += 1
         progress.dispatched(step, metrics)  # Bounds the steps in flight (trainer/watchdog.py).
         self.step_metrics.append(step, metrics)
         if step == self.start_step + 1:
-          # The first step compiled; time the steady state from here.
+          # The steps compiled and the first one ran; time the steady state from here.
           jax.block_until_ready(metrics)
           loop_start, self.eval_seconds = time.perf_counter(), 0.0
           self.progress.steps_per_sec(step)
 
         is_last = step == num_steps
-        if step % log_every == 0 or is_last:
+        if step % self._log_every == 0 or is_last:
           self._log_train(step)
-        evaluated = step % eval_every == 0 or is_last
+        evaluated = step % self._eval_every == 0 or is_last
         if evaluated:
           with progress.stage("eval"):
             stopped_early = self._evaluate(step, state)
         with progress.stage("preemption sync"):
           preempted = preemption.should_stop(step)
         stop = is_last or stopped_early or preempted
-        if stop or evaluated or step % checkpoint_every == 0:
+        if stop or evaluated or step % self._checkpoint_every == 0:
           with progress.stage("checkpoint"):
-            self._maybe_save(step, state, data_iterator, evaluated=evaluated, force=stop)
+            self._maybe_save(
+              step, state, data_iterator, evaluated=evaluated, force=stop, diagnosed=diagnosed
+            )
         if stop:
           break
 
@@ -211,6 +225,26 @@ class TrainLoop:
       stopped_by_callback=self.stopped_by_callback,
     )
 
+  def _reads_metrics(self, step: int) -> bool:
+    """Whether the loop reads step `step`'s metrics back (to log them, or to check them before
+    an eval or a save): the steps that run the diagnostic step, which computes the norms."""
+    return (
+      step % self._log_every == 0
+      or step % self._eval_every == 0
+      or step % self._checkpoint_every == 0
+      or step == self._num_steps
+    )
+
+  def _compile_steps(self, state: TrainState, batch: dict) -> None:
+    """Compiles both steps for these shapes before the first one runs: the clock starts after
+    the first step, and the watchdog allows compilation only then. Compiled executables cannot
+    retrace, so an input of another shape or sharding fails loudly instead of recompiling."""
+    self._diagnostic_step = self.experiment.diagnostic_step.lower(state, batch).compile()
+    if min(self._log_every, self._eval_every, self._checkpoint_every) == 1:
+      self._plain_step = self._diagnostic_step  # Every step is read back.
+    else:
+      self._plain_step = self.experiment.loop_step.lower(state, batch).compile()
+
   def _log_train(self, step: int) -> None:
     self.train_metrics = self.step_metrics.summarize()
     rate = self.progress.steps_per_sec(step)
@@ -243,13 +277,23 @@ class TrainLoop:
       )
     return stop
 
-  def _maybe_save(self, step: int, state, data_iterator, *, evaluated: bool, force: bool) -> None:
+  def _maybe_save(
+    self, step: int, state, data_iterator, *, evaluated: bool, force: bool, diagnosed: bool
+  ) -> None:
     """Saves on the checkpoint interval, at evals when keeping the best, and when forced."""
     checkpoint = self.config.checkpoint
     due = step % checkpoint.every_steps == 0 or (evaluated and checkpoint.keep_best > 0)
     if not self.checkpointer or not (due or force):
       return
-    self.step_metrics.check_finite()  # A non-finite state is never checkpointed.
+    # A non-finite state is never checkpointed: a finite loss and gradient norm at this step
+    # mean finite parameters, and a forced save (preemption) on a step without the norms
+    # checks the parameters themselves.
+    self.step_metrics.check_finite()
+    if not diagnosed and not bool(jax.jit(steps.params_finite)(state)):
+      raise NonFiniteError(
+        f"non-finite parameters at step {step}; the run stopped and this state was not "
+        "checkpointed. Lower config.optim.learning_rate or enable config.optim.grad_clip_norm"
+      )
     self.checkpointer.save(
       state,
       data_iterator,

@@ -56,8 +56,10 @@ class Experiment:
   # (state, batch) -> (state, metrics by name): one step, for callers outside the loop.
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   # The same step with its metrics packed as one vector in the order of `metric_names`
-  # (steps.pack_metrics): what the training loop runs.
+  # (steps.pack_metrics), as the training loop runs it: `loop_step` on most steps, reporting
+  # steps.NORMS as 0; `diagnostic_step`, which computes them, where the loop reads metrics back.
   loop_step: Callable[[TrainState, dict], tuple[TrainState, jax.Array]]
+  diagnostic_step: Callable[[TrainState, dict], tuple[TrainState, jax.Array]]
   metric_names: tuple[str, ...]
   eval_step: Callable[[TrainState, dict], dict]
   # Analytic training FLOPs per step (language models), for perf/mfu; None when unknown.
@@ -124,7 +126,8 @@ def build_experiment(
   )
   replicated = partitioning.replicated(mesh)
   batch_sharding = partitioning.batch_sharding(mesh)
-  train_step = steps.make_train_step(
+  make_train_step = functools.partial(
+    steps.make_train_step,
     model,
     task,
     optimizer.tx,
@@ -132,6 +135,7 @@ def build_experiment(
     grad_accum_steps=config.optim.grad_accum_steps,
     ema_decay=config.optim.ema_decay,
   )
+  train_step = make_train_step()
   eval_step = steps.make_eval_step(model, task)
   metric_names = steps.train_metric_names(task)
   jit_step = functools.partial(
@@ -156,7 +160,8 @@ def build_experiment(
       out_shardings=state_shardings,
     ),
     train_step=jit_step(train_step),
-    loop_step=jit_step(steps.pack_metrics(train_step, metric_names)),
+    loop_step=jit_step(steps.pack_metrics(make_train_step(norms=False), metric_names)),
+    diagnostic_step=jit_step(steps.pack_metrics(train_step, metric_names)),
     metric_names=metric_names,
     eval_step=jax.jit(
       eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
