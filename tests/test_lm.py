@@ -1,7 +1,6 @@
 """The language model: packing, masking, decoding, sharding, remat, FLOPs."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 
 from configs import lm as lm_config
 from models import decoding, transformer
+from tests.helpers.steps import WrappedStep
 from trainer import partitioning, train
 from trainer.data import text as text_data
 
@@ -259,23 +259,6 @@ def test_remat_policies_compute_the_same_step(step_without_remat, remat):
   )
 
 
-class _CountingStep:
-  """A jitted step whose lowerings and calls of the compiled executable are counted."""
-
-  def __init__(self, jitted):
-    self.jitted, self.lowerings, self.calls = jitted, 0, 0
-
-  def lower(self, *args):
-    self.lowerings += 1
-    compiled = self.jitted.lower(*args).compile()
-
-    def call(*call_args):
-      self.calls += 1
-      return compiled(*call_args)
-
-    return types.SimpleNamespace(compile=lambda: call)
-
-
 def test_steps_compile_once_and_norms_run_only_where_metrics_are_read(tmp_path):
   config = _lm_config(
     **{
@@ -286,7 +269,7 @@ def test_steps_compile_once_and_norms_run_only_where_metrics_are_read(tmp_path):
     }
   )
   experiment = train.build_experiment(config)
-  plain, diagnostic = _CountingStep(experiment.loop_step), _CountingStep(experiment.diagnostic_step)
+  plain, diagnostic = WrappedStep(experiment.loop_step), WrappedStep(experiment.diagnostic_step)
   experiment = dataclasses.replace(experiment, loop_step=plain, diagnostic_step=diagnostic)
   from trainer import checkpointing
   from trainer.metrics import MetricWriter

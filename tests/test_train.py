@@ -112,6 +112,7 @@ def test_preemption_on_a_step_without_norms_never_checkpoints_non_finite_paramet
 
   import jax.numpy as jnp
 
+  from tests.helpers.steps import WrappedStep
   from trainer import preemption
   from trainer.metrics import MetricWriter
 
@@ -120,22 +121,17 @@ def test_preemption_on_a_step_without_norms_never_checkpoints_non_finite_paramet
   smoke_config.checkpoint.every_steps = 10
   monkeypatch.setattr(preemption.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
   experiment = train.build_experiment(smoke_config, jax.devices()[:1])
-  cheap_step = experiment.loop_step
 
-  class NaNParameters:  # The cheap step; its update at step 3 alone turns the parameters NaN.
-    def lower(self, *args):
-      compiled = cheap_step.lower(*args).compile()
+  def nan_parameters_at_step_3(state, metrics):  # The cheap step's update at step 3 alone.
+    if int(state.step) != 3:
+      return state, metrics
+    return state.replace(
+      params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+    ), metrics
 
-      def call(state, batch):
-        state, metrics = compiled(state, batch)
-        if int(state.step) != 3:
-          return state, metrics
-        nan = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params)
-        return state.replace(params=nan), metrics
-
-      return type("Lowered", (), {"compile": lambda self: call})()
-
-  experiment = dataclasses.replace(experiment, loop_step=NaNParameters())
+  experiment = dataclasses.replace(
+    experiment, loop_step=WrappedStep(experiment.loop_step, after=nan_parameters_at_step_3)
+  )
   checkpointer = checkpointing.Checkpointer(
     str(tmp_path), smoke_config.checkpoint, best_metric="eval/accuracy", best_mode="max"
   )

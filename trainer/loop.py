@@ -122,7 +122,7 @@ class TrainLoop:
     self.checkpointer = checkpointer
     self.writer = writer
     self.start_step = start_step
-    # The norms are computed on the steps read back only (_reads_metrics), which include the
+    # The norms are computed on the steps read back only (see run), which include the
     # interval's last: they are logged as their value there.
     self.step_metrics = StepMetrics(
       experiment.metric_names, at_last_step=tuple(f"train/{name}" for name in steps.NORMS)
@@ -155,7 +155,7 @@ class TrainLoop:
     )
 
   def run(self, state: TrainState, data_iterator) -> TrainResult:
-    num_steps = self.config.train.num_steps
+    num_steps = self._num_steps
     step = self.start_step
     loop_start = time.perf_counter()
     stopped_early = preempted = False
@@ -165,7 +165,13 @@ class TrainLoop:
         if step == self.start_step:
           with progress.stage("compile"):
             self._compile_steps(state, batch)
-        diagnosed = self._reads_metrics(step + 1)
+        # What this step's metrics are read back for, decided before it runs: the steps read
+        # back run the diagnostic step, which computes the norms.
+        is_last = step + 1 == num_steps
+        logged = (step + 1) % self._log_every == 0 or is_last
+        evaluated = (step + 1) % self._eval_every == 0 or is_last
+        checkpoint_due = (step + 1) % self._checkpoint_every == 0
+        diagnosed = logged or evaluated or checkpoint_due
         with progress.stage("step dispatch"):
           state, metrics = (self._diagnostic_step if diagnosed else self._plain_step)(state, batch)
         step += 1
@@ -177,17 +183,15 @@ class TrainLoop:
           loop_start, self.eval_seconds = time.perf_counter(), 0.0
           self.progress.steps_per_sec(step)
 
-        is_last = step == num_steps
-        if step % self._log_every == 0 or is_last:
+        if logged:
           self._log_train(step)
-        evaluated = step % self._eval_every == 0 or is_last
         if evaluated:
           with progress.stage("eval"):
             stopped_early = self._evaluate(step, state)
         with progress.stage("preemption sync"):
           preempted = preemption.should_stop(step)
         stop = is_last or stopped_early or preempted
-        if stop or evaluated or step % self._checkpoint_every == 0:
+        if stop or evaluated or checkpoint_due:
           with progress.stage("checkpoint"):
             self._maybe_save(
               step, state, data_iterator, evaluated=evaluated, force=stop, diagnosed=diagnosed
@@ -223,16 +227,6 @@ class TrainLoop:
       preempted=preempted,
       stopped_early=stopped_early and not self.stopped_by_callback,
       stopped_by_callback=self.stopped_by_callback,
-    )
-
-  def _reads_metrics(self, step: int) -> bool:
-    """Whether the loop reads step `step`'s metrics back (to log them, or to check them before
-    an eval or a save): the steps that run the diagnostic step, which computes the norms."""
-    return (
-      step % self._log_every == 0
-      or step % self._eval_every == 0
-      or step % self._checkpoint_every == 0
-      or step == self._num_steps
     )
 
   def _compile_steps(self, state: TrainState, batch: dict) -> None:
