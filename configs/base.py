@@ -167,6 +167,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.tracking.artifact_location = ""
   # How long the end of training waits for unsent records before reporting them as not logged.
   config.tracking.flush_timeout_s = 60.0
+  # Seconds between metric uploads: the metrics logged in between go in one log_batch call,
+  # which costs about the same for 10 metrics as for 100. The first ones go at once.
+  config.tracking.metrics_every_s = 5.0
   # Write the experiment report (python -m mlops.report) at the end and log it as an artifact.
   config.tracking.report = True
 

@@ -239,6 +239,7 @@ RULES: dict[str, Rule] = {
   "tracking.experiment": text(nonempty=True),
   "tracking.artifact_location": text(),
   "tracking.flush_timeout_s": real(0),
+  "tracking.metrics_every_s": real(0, meaning="0 sends each logging step's metrics at once"),
   "tracking.report": boolean(),
   # card (mlops/model_card.py): free text, empty prints "not provided".
   "card.intended_use": text(),

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -121,6 +122,37 @@ def test_on_eval_callback_stops_the_run_with_a_checkpoint(
   assert seen == [(10, ["eval/accuracy", "eval/loss"])]
   assert result.step == 10 and result.stopped_by_callback and not result.stopped_early
   assert 10 in report_records.checkpointing.existing_steps(str(tmp_path / "run"))
+
+
+def test_metrics_are_held_between_uploads_and_sent_before_other_records(
+  store, smoke_config, tmp_path, monkeypatch
+):
+  smoke_config.tracking.metrics_every_s = 60.0
+  uploads = []  # The steps of each log_batch call that carried metrics.
+  original = MlflowClient.log_batch
+
+  def recording_log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+    if metrics:
+      uploads.append(sorted({m.step for m in metrics}))
+    return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+  monkeypatch.setattr(MlflowClient, "log_batch", recording_log_batch)
+  tracker = tracking.RunTracker(smoke_config, str(tmp_path / "run"))
+  tracker.log_metrics(1, {"train/loss": 1.0})
+  deadline = time.monotonic() + 30
+  while not uploads and time.monotonic() < deadline:  # The first metrics go at once.
+    time.sleep(0.01)
+  assert uploads == [[1]]
+  for step in (2, 3, 4):
+    tracker.log_metrics(step, {"train/loss": 1.0 / step})
+  tracker.set_tags({"note": "sends the metrics held before it"})
+  tracker.log_metrics(5, {"train/loss": 0.2})
+  summary = tracker.end("FINISHED")
+
+  assert summary.not_logged == {}
+  assert uploads == [[1], [2, 3, 4], [5]]
+  history = MlflowClient(store).get_metric_history(summary.run_id, "train/loss")
+  assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
 
 
 def _free_port() -> int:

@@ -3,9 +3,10 @@
 One `RunTracker` per `train_and_evaluate`, built on every process; only process 0 talks to MLflow.
 Calls from the training loop only enqueue: a background thread (trainer/tracking_worker.py)
 connects to the store, creates (or, on resume, reopens) the run and sends everything in order,
-metrics batched with `MlflowClient.log_batch`. When the store is unreachable or locked the thread warns once, keeps
-what it holds and retries with backoff; `end()` waits a bounded time for it and returns a
-`TrackingSummary` saying what was not logged.
+metrics together in one `MlflowClient.log_batch` at most every `config.tracking.metrics_every_s`.
+When the store is unreachable or locked the thread warns once, keeps what it holds and retries
+with backoff; `end()` waits a bounded time for it and returns a `TrackingSummary` saying what
+was not logged.
 
 Where runs go (MLflow's conventions first): `MLFLOW_TRACKING_URI`, else `config.tracking.uri`, else
 `sqlite:///<project root>/mlflow.db`, the store `mlflow ui` finds when started from the project
@@ -46,6 +47,8 @@ class TrackingSettings:
   artifact_location: str | None
   # How long end() waits for pending records before giving up on them.
   flush_timeout_s: float
+  # Seconds between metric uploads; the metrics logged in between go in one call.
+  metrics_every_s: float
 
 
 def resolve_settings(config: ml_collections.ConfigDict) -> TrackingSettings:
@@ -61,6 +64,7 @@ def resolve_settings(config: ml_collections.ConfigDict) -> TrackingSettings:
     experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.experiment,
     artifact_location=artifacts,
     flush_timeout_s=float(tracking.flush_timeout_s),
+    metrics_every_s=float(tracking.metrics_every_s),
   )
 
 
