@@ -1,6 +1,6 @@
 """Loads a trained checkpoint for export onto whatever devices this process has.
 
-The checkpoint format belongs to trainer/checkpointing.py; this module only names what export
+The checkpoint format belongs to trainer/checkpointing/; this module only names what export
 uses of it. A checkpoint written by any mesh (8 devices, 2 processes, ...) restores here onto one
 device, and nothing but the checkpoint is needed (the data spec travels with it).
 """
