@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
+from typing import TYPE_CHECKING
+
+from absl import logging
+
+if TYPE_CHECKING:
+  from serving.server import served_models
 
 # As TF Serving's names: nothing in a name can step outside a base path or into a URL segment.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -154,3 +161,29 @@ def _logging(model) -> LoggingConfig | None:
   return LoggingConfig(
     proto.log_collector_config.filename_prefix, proto.sampling_config.sampling_rate
   )
+
+
+def watch(
+  models: served_models.ServedModels, path: str, every_seconds: float, stop: threading.Event
+) -> None:
+  """Applies `path` whenever its text changes; retries a text that failed to apply (a label
+  may name a version still being exported), logging each distinct error once, until `stop`."""
+  from serving.server.errors import ServingError  # Imports grpc: only where a server runs.
+
+  applied, error = None, None
+  while not stop.wait(every_seconds):
+    try:
+      with open(path) as f:
+        text = f.read()
+      if text == applied and error is None:
+        continue
+      applied = text
+      models.reload(parse(text, f"--model_config_file={path}"))
+      if error is not None:
+        logging.info("Applied --model_config_file=%s", path)
+      error = None
+    except (OSError, ValueError, ServingError) as e:
+      message = e.message if isinstance(e, ServingError) else str(e)
+      if message != error:
+        logging.error("Not applying --model_config_file=%s: %s", path, message)
+      error = message
