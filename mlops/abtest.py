@@ -34,7 +34,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from mlops import abtest_stats, prediction_log
+from mlops import abtest_stats, cli_help, prediction_log
 from mlops.abtest_stats import Difference, Latency, Sequential, Srm
 
 METRICS = ("accuracy",)
@@ -247,7 +247,7 @@ def _compare(split, labels, arms, weights, control, arm, mde, sequential) -> Arm
   return ArmComparison(arm, errors, metric, latency, plan, path)
 
 
-def _flag_values(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
+def _flag_values() -> flags.FlagValues:
   """The CLI's flags on their own FlagValues (the module is imported by tests and other CLIs)."""
   fv = flags.FlagValues()
   flags.DEFINE_string("logs", None, "Directory of prediction log files.", flag_values=fv)
@@ -265,15 +265,19 @@ def _flag_values(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
     "rpc", "Predict", list(prediction_log.RPCS), "Compare the records of this RPC.", flag_values=fv
   )
   flags.DEFINE_string("out", None, "Report directory; default LOGS/abtest.", flag_values=fv)
-  return fv, fv(argv)
+  return fv
 
 
 def main(argv: list[str]) -> int:
   """Runs the CLI on `argv` (argv[0] is the program); returns the exit status."""
   from mlops import abtest_report
 
+  fv = _flag_values()
+  if cli_help.help_requested(argv[1:]):
+    print(cli_help.help_text(__doc__, fv))
+    return 0
   try:
-    fv, rest = _flag_values(argv)
+    rest = fv(argv)
     if len(rest) > 1:
       raise AbtestError(f"unexpected arguments: {rest[1:]}")
     if not fv.logs:

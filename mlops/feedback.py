@@ -21,6 +21,7 @@ import sys
 import numpy as np
 from absl import flags
 
+from mlops import cli_help
 from mlops.prediction_log import LogError, Logs
 from serving.server import feedback as server_feedback
 from serving.server.log_format import FEEDBACK_FILE
@@ -103,6 +104,9 @@ def main(argv: list[str]) -> int:
   """Runs the CLI on `argv` (argv[0] is the program); returns the exit status."""
   fv = flags.FlagValues()
   flags.DEFINE_string("logs", None, "The prediction log directory to import into.", flag_values=fv)
+  if cli_help.help_requested(argv[1:]):
+    print(cli_help.help_text(__doc__, fv))
+    return 0
   try:
     rest = fv(argv)
     if len(rest) != 3 or rest[1] != "import":

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from mlops import rollout_manifests
+from mlops import cli_help, rollout_manifests
 from mlops.rollout_manifests import ManifestError, RolloutSpec
 
 CANARY_LOCK = "canary.lock"  # In the model's export base, beside registry_audit.jsonl.
@@ -254,12 +254,17 @@ def _canary_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str]) -> int:
   """Runs `python -m mlops.rollout SUBCOMMAND [flags]`; returns the exit status."""
+  if argv[1:2] and cli_help.help_requested(argv[1:2]):
+    print(
+      f"{(__doc__ or '').strip()}\n\nSubcommands: {', '.join(SUBCOMMANDS)}; see SUBCOMMAND --help."
+    )
+    return 0
   try:
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
       given = argv[1] if len(argv) > 1 else "(none)"
       raise ManifestError(f"subcommand {given} is unknown; choose from {', '.join(SUBCOMMANDS)}")
-    if {"--help", "--helpfull", "-h"} & set(argv[2:]):
-      print(f"python -m mlops.rollout {argv[1]} [flags]\n{_FLAGS[argv[1]]().get_help()}")
+    if cli_help.help_requested(argv[2:]):
+      print(cli_help.help_text(f"python -m mlops.rollout {argv[1]} [flags]", _FLAGS[argv[1]]()))
       return 0
     return SUBCOMMANDS[argv[1]]([f"{argv[0]} {argv[1]}", *argv[2:]])
   except (ManifestError, flags.Error, *_canary_errors()) as e:

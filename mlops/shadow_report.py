@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 from matplotlib.figure import Figure
 
-from mlops import prediction_log, report_format
+from mlops import cli_help, prediction_log, report_format
 
 
 class ShadowError(ValueError):
@@ -285,6 +285,9 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_enum(
     "rpc", "Predict", list(prediction_log.RPCS), "Pair the records of this RPC.", flag_values=fv
   )
+  if cli_help.help_requested(argv[1:]):
+    print(cli_help.help_text(__doc__, fv))
+    return 0
   try:
     rest = fv(argv)
     if len(rest) > 1:
