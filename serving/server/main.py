@@ -117,21 +117,33 @@ def _traffic_policy(configs, models, server_metrics):
   return policy
 
 
-def _watch_traffic_config_file(policy, stop: threading.Event) -> None:
-  from serving.server import traffic
+def _watch_config_files(models, policy, stop: threading.Event) -> None:
+  """Starts a thread per config file the server re-reads (--model_config_file and
+  --traffic_config_file, each with its poll interval > 0), until `stop`."""
+  from serving.server import model_config, traffic
 
-  if policy is not None and server_flags.TRAFFIC_CONFIG_POLL_WAIT.value > 0:
-    threading.Thread(
-      target=traffic.watch,
-      args=(
-        policy,
-        server_flags.TRAFFIC_CONFIG_FILE.value,
-        server_flags.TRAFFIC_CONFIG_POLL_WAIT.value,
-        stop,
-      ),
-      name="traffic-config-watcher",
-      daemon=True,
-    ).start()
+  watched = [
+    (
+      model_config.watch,
+      models,
+      server_flags.MODEL_CONFIG_FILE,
+      server_flags.MODEL_CONFIG_FILE_POLL_WAIT,
+    ),
+    (
+      traffic.watch,
+      policy,
+      server_flags.TRAFFIC_CONFIG_FILE,
+      server_flags.TRAFFIC_CONFIG_POLL_WAIT,
+    ),
+  ]
+  for watch, target, path, every_seconds in watched:
+    if path.value and target is not None and every_seconds.value > 0:
+      threading.Thread(
+        target=watch,
+        args=(target, path.value, every_seconds.value, stop),
+        name=f"{path.name}-watcher",
+        daemon=True,
+      ).start()
 
 
 def _base_path_roots(configs) -> list[str]:
@@ -165,7 +177,7 @@ def main(argv: list[str]) -> None:
 
 def _serve(worker: int | None) -> None:
   """Runs one server (or one worker of --num_workers) until SIGTERM."""
-  from serving.server import metrics, model_config
+  from serving.server import metrics
 
   configs = _model_configs()
   _set_tensorflow_threads()
@@ -173,20 +185,8 @@ def _serve(worker: int | None) -> None:
   batch_scheduler = _batch_scheduler(server_metrics)
   models, policy = _load_models(configs, server_metrics, batch_scheduler)
   stop = threading.Event()
-  _watch_traffic_config_file(policy, stop)
+  _watch_config_files(models, policy, stop)
   request_path, logger, shadows = _request_path(configs, models, server_metrics, policy, worker)
-  if server_flags.MODEL_CONFIG_FILE.value and server_flags.MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
-    threading.Thread(
-      target=model_config.watch,
-      args=(
-        models,
-        server_flags.MODEL_CONFIG_FILE.value,
-        server_flags.MODEL_CONFIG_FILE_POLL_WAIT.value,
-        stop,
-      ),
-      name="model-config-watcher",
-      daemon=True,
-    ).start()
   grpc, health, httpd = _open_ports(request_path, models, batch_scheduler, worker)
 
   for signum in (signal.SIGTERM, signal.SIGINT):
