@@ -24,6 +24,7 @@ from serving.export import parity  # noqa: E402
 from serving.server import loaded_version  # noqa: E402
 from tests.helpers import model_server  # noqa: E402
 from tests.helpers.tf_examples import example, labels_and_scores  # noqa: E402
+from tests.helpers.tf_regressor import save_regressor  # noqa: E402
 
 DT_FLOAT, DT_STRING = tf.float32.as_datatype_enum, tf.string.as_datatype_enum
 LABELS = [str(c) for c in range(10)]
@@ -48,52 +49,6 @@ def _request(kind, examples=(), context=None, **spec):
   return request
 
 
-# A TF-built model with Regress signatures: `outputs` = scale * x + bias, x and bias float
-# features (bias defaults to 0).
-
-
-class _Regressor(tf.Module):
-  def _parse(self, inputs):
-    features = {
-      "x": tf.io.FixedLenFeature([], tf.float32),
-      "bias": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
-    }
-    return tf.io.parse_example(inputs, features)
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-  def regress(self, inputs):
-    parsed = self._parse(inputs)
-    return {"outputs": 2.0 * parsed["x"] + parsed["bias"]}  # (batch,)
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-  def regress_column(self, inputs):
-    parsed = self._parse(inputs)
-    return {"outputs": (3.0 * parsed["x"] + parsed["bias"])[:, None]}  # (batch, 1)
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-  def one_output_for_all(self, inputs):
-    return {"outputs": tf.reduce_sum(self._parse(inputs)["x"], keepdims=True)}  # (1,)
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-  def predict(self, inputs):
-    return {"outputs": self._parse(inputs)["x"]}
-
-
-def _save_regressor(path: str) -> None:
-  module = _Regressor()
-  signatures = {
-    "serving_default": module.regress_column,
-    "regress": module.regress,
-    "one_output_for_all": module.one_output_for_all,
-    "predict": module.predict,
-  }
-  tf.saved_model.save(module, path, signatures=signatures)
-  export.set_method_names(
-    path,
-    {name: contract.REGRESS_METHOD_NAME for name in signatures if name != "predict"},
-  )
-
-
 # Fixtures: one smoke-trained digits export and the regressor, served by one server.
 
 
@@ -109,7 +64,7 @@ def models(tmp_path_factory):
   with open(contract.export_manifest_path(version)) as f:
     assert "classify/scores" in json.load(f)["parity_max_relative_error"]
   model_server.copy_version(version, str(root / "digits"))
-  _save_regressor(str(root / "regressor" / "1"))
+  save_regressor(str(root / "regressor" / "1"))
   return root
 
 
@@ -354,7 +309,7 @@ def test_set_method_names_rewrites_signatures_and_fingerprint(tmp_path):
   from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
 
   path = str(tmp_path / "regressor")
-  _save_regressor(path)
+  save_regressor(path)
   loaded = loaded_version.LoadedVersion("regressor", 1, path)
   methods = {name: d.method_name for name, d in loaded.signature_defs.items()}
   assert methods["regress"] == methods["serving_default"] == "tensorflow/serving/regress"

@@ -253,9 +253,11 @@ def test_grpc_other_bad_requests(server):
     grpc.StatusCode.NOT_FOUND,
     "Could not find version 5 of model digits",
   )
-  multi_inference = inference_pb2.MultiInferenceRequest()
+  multi_inference = (
+    inference_pb2.MultiInferenceRequest()
+  )  # No task (tests/test_multi_inference.py).
   code, _ = _code_of(server.predict_stub.MultiInference, multi_inference)
-  assert code == grpc.StatusCode.UNIMPLEMENTED
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
   too_big = predict_request(np.zeros((MAX_REQUEST_BYTES // 256 + 8, 64), np.float32))
   code, _ = _code_of(server.predict_stub.Predict, too_big)
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -99,8 +99,8 @@ def _served(model_spec) -> Served:
 
 
 class RouterHandlers:
-  """RequestHandlers' methods (predict, classify, regress, metadata, status, record_feedback,
-  reload) on a Backend. Each raises ServingError with the status the backend (or, for what the
+  """RequestHandlers' methods (predict, classify, regress, multi_inference, metadata, status,
+  record_feedback, reload) on a Backend. Each raises ServingError with the status the backend (or, for what the
   router refuses, TF Serving) answers. Thread-safe."""
 
   def __init__(self, backend: Backend, models: RouterModels):
@@ -177,6 +177,12 @@ class RouterHandlers:
       context.inputs = {classify_regress.INPUTS: examples}
       context.outputs = classify_regress.result_tensors(response.result)
     return Result(served, response.result)
+
+  def multi_inference(self, spec: ModelSpec, request) -> Result:
+    """Forwards a MultiInference as it came (not split, as in the server)."""
+    response = self._forward(self.backend.prediction.MultiInference, request)
+    model_spec = response.results[0].model_spec
+    return Result(Served(model_spec.name, model_spec.version.value, ""), response)
 
   def metadata(self, spec: ModelSpec, fields: list[str]) -> Metadata:
     """Forwards GetModelMetadata as asked (no split: metadata is of what was asked)."""

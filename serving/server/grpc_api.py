@@ -1,5 +1,5 @@
-"""TF Serving's gRPC API: PredictionService (Predict, Classify, Regress, GetModelMetadata) and
-ModelService (GetModelStatus, HandleReloadConfigRequest). MultiInference answers UNIMPLEMENTED.
+"""TF Serving's gRPC API: PredictionService (Predict, Classify, Regress, MultiInference,
+GetModelMetadata) and ModelService (GetModelStatus, HandleReloadConfigRequest).
 
 A thin transport: each RPC decodes its request into a ModelSpec and arrays, hands the work to
 the one request path (handlers.RequestPath) and encodes the Outcome.
@@ -118,6 +118,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     spec = _spec(request.model_spec)
     return _answer(self.path.serve("grpc", "Regress", spec, regress, **_caller(context)), context)
+
+  def MultiInference(self, request, context):
+    def multi_inference(handlers):
+      answer = handlers.multi_inference(spec, request)
+      return Reply(answer.result, answer.served)
+
+    # The first task's model_spec picks the version, as in TF Serving.
+    spec = _spec(request.tasks[0].model_spec) if request.tasks else ModelSpec("")
+    return _answer(
+      self.path.serve("grpc", "MultiInference", spec, multi_inference, **_caller(context)), context
+    )
 
   def GetModelMetadata(self, request, context):
     def metadata(handlers):

@@ -19,7 +19,13 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving.server import classify_regress, feedback, log_format, request_context
+from serving.server import (
+  classify_regress,
+  feedback,
+  log_format,
+  multi_inference,
+  request_context,
+)
 from serving.server.errors import ServingError
 from serving.server.loaded_version import LoadedVersion, SignatureInfo
 from serving.server.metrics import Metrics
@@ -65,7 +71,8 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Result:
-  """A Classify/Regress answer: a ClassificationResult or RegressionResult proto."""
+  """A Classify/Regress answer: a ClassificationResult or RegressionResult proto (MultiInference:
+  its MultiInferenceResponse)."""
 
   served: Served
   result: Any
@@ -101,9 +108,9 @@ class Outcome(Generic[R]):
 
 
 class RequestHandlers:
-  """Predict, Classify, Regress, GetModelMetadata, GetModelStatus and ReloadConfig on the
-  served models, in numpy and TF Serving's messages, with no transport. Each raises
-  ServingError with the status TF Serving answers. Thread-safe."""
+  """Predict, Classify, Regress, MultiInference, GetModelMetadata, GetModelStatus and
+  ReloadConfig on the served models, in numpy and TF Serving's messages, with no transport.
+  Each raises ServingError with the status TF Serving answers. Thread-safe."""
 
   def __init__(
     self,
@@ -167,6 +174,14 @@ class RequestHandlers:
     outputs = self._run(served, signature, {classify_regress.INPUTS: examples})
     result = result_of(outputs, len(examples))
     return Result(Served(served.model_name, served.version, signature.name), result)
+
+  def multi_inference(self, spec: ModelSpec, request) -> Result:
+    """MultiInference (serving/server/multi_inference.py) on the version `spec`, the first
+    task's model_spec, asks for. Neither split, logged nor mirrored: those follow one signature."""
+    tasks = multi_inference.tasks_of(request)
+    served = self.resolve(spec)
+    response = multi_inference.infer(served, tasks, request.input, served.run)
+    return Result(Served(served.model_name, served.version, ""), response)
 
   def _run(self, served: LoadedVersion, signature: SignatureInfo, arrays, output_filter=()):
     """Runs `signature` and records what it took and gave in the request's context (for the
