@@ -318,3 +318,39 @@ def test_negative_thread_counts_are_one_error_line(tmp_path):
   assert errors == [
     "error: --tensorflow_inter_op_parallelism=-2 must be 0 (the default) or more"
   ], proc.stderr
+
+
+MONITORING = [
+  ("prometheus_config { enabled: true }", 'has no field named "enabled"'),
+  ('prometheus_config { enable: true path: "metrics" }', "path 'metrics' must start with /"),
+  (None, "cannot read --monitoring_config_file="),
+]
+
+
+@pytest.mark.parametrize("text, message", MONITORING, ids=["misspelled", "relative", "missing"])
+def test_a_bad_monitoring_config_is_one_error_line(tmp_path, text, message):
+  config = tmp_path / "monitoring.config"
+  if text is not None:
+    config.write_text(text)
+  proc = model_server.run_module(
+    "serving.server",
+    "--port=0",
+    f"--model_base_path={tmp_path}",
+    f"--monitoring_config_file={config}",
+  )
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_prometheus_without_rest_is_one_error_line(tmp_path):
+  config = tmp_path / "monitoring.config"
+  config.write_text('prometheus_config { enable: true path: "/metrics" }')
+  proc = model_server.run_module(
+    "serving.server",
+    "--port=0",
+    f"--model_base_path={tmp_path}",
+    f"--monitoring_config_file={config}",
+  )
+  assert proc.returncode == 1, proc.stderr
+  assert "enables Prometheus metrics, which REST serves; set --rest_api_port" in proc.stderr

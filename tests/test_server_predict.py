@@ -37,11 +37,14 @@ def digits(tmp_path_factory):
 def server(digits, tmp_path_factory):
   base = str(tmp_path_factory.mktemp("models") / "digits")
   model_server.copy_version(digits[1], base)
+  monitoring = tmp_path_factory.mktemp("config") / "monitoring.config"
+  monitoring.write_text('prometheus_config { enable: true path: "/metrics" }')
   args = [
     *model_server.QUICK_ARGS,
     "--model_name=digits",
     f"--model_base_path={base}",
     "--version_labels=stable=1",
+    f"--monitoring_config_file={monitoring}",  # TF Serving's; adds the path /metrics.
   ]
   log = str(tmp_path_factory.mktemp("logs") / "server.log")
   with model_server.Server(args, log, base=base) as server:
@@ -335,6 +338,10 @@ def test_prometheus_metrics(server):
   # Unknown names from requests are not labels.
   assert 'api="rest",code="NOT_FOUND",method="GetModelStatus",model="unknown",version=""' in text
   assert 'serving_request_latency_seconds_bucket{api="grpc",le="0.0005",method="Predict"' in text
+  at_config_path = server.metrics_text("/metrics")  # --monitoring_config_file's path.
+  assert (
+    'serving_requests_total{api="grpc",code="OK",method="Predict",model="digits"' in at_config_path
+  )
 
 
 def test_client_cli(server, pixels, expected, tmp_path):

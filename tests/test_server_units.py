@@ -97,3 +97,19 @@ def test_tensor_protos_round_trip_as_tensorflow_makes_them(value):
   decoded = tensors.to_ndarray(tf.make_tensor_proto(value))  # What clients send.
   assert decoded.dtype == value.dtype and decoded.shape == value.shape
   np.testing.assert_array_equal(decoded, value)
+
+
+def test_monitoring_config_adds_its_enabled_path(tmp_path):
+  from serving.server import monitoring_config
+
+  default = monitoring_config.DEFAULT_PATH
+  assert monitoring_config.metrics_paths(None) == {default}
+  config = tmp_path / "monitoring.config"
+  for text, paths in [
+    ('prometheus_config { enable: true path: "/metrics" }', {default, "/metrics"}),
+    ("prometheus_config { enable: true }", {default}),  # TF Serving's default path.
+    ('prometheus_config { enable: false path: "/metrics" }', {default}),  # Not enabled.
+    ("", {default}),
+  ]:
+    config.write_text(text)
+    assert monitoring_config.metrics_paths(str(config)) == paths, text

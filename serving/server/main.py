@@ -146,6 +146,24 @@ def _watch_config_files(models, policy, stop: threading.Event) -> None:
       ).start()
 
 
+def _metrics_paths() -> frozenset[str]:
+  """Where REST answers the Prometheus metrics; a bad --monitoring_config_file, or one that
+  enables them without --rest_api_port: one `error:` line and exit 1."""
+  from serving.server import monitoring_config
+
+  path = server_flags.MONITORING_CONFIG_FILE.value
+  try:
+    paths = monitoring_config.metrics_paths(path)
+  except ValueError as e:
+    _usage_error(str(e))
+  if len(paths) > 1 and not server_flags.REST_API_PORT.value:
+    _usage_error(
+      f"--monitoring_config_file={path} enables Prometheus metrics, which REST serves; "
+      "set --rest_api_port"
+    )
+  return paths
+
+
 def _base_path_roots(configs) -> list[str]:
   if server_flags.MODEL_BASE_PATH_ROOTS.value is not None:
     return list(server_flags.MODEL_BASE_PATH_ROOTS.value)
@@ -160,23 +178,21 @@ def main(argv: list[str]) -> None:
   worker = workers.worker_index()
   if server_flags.NUM_WORKERS.value < 1:
     _usage_error(f"--num_workers={server_flags.NUM_WORKERS.value} must be at least 1")
-  for flag in (
-    server_flags.INTRA_OP_THREADS,
-    server_flags.INTER_OP_THREADS,
-  ):  # Before workers start or TF loads.
+  # Checked before workers start or TensorFlow loads.
+  for flag in (server_flags.INTRA_OP_THREADS, server_flags.INTER_OP_THREADS):
     if flag.value < 0:
       _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
+  metrics_paths = _metrics_paths()
   if server_flags.NUM_WORKERS.value > 1 and worker is None:
     if server_flags.PORT.value == 0:
       _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")
-    sys.exit(
-      workers.supervise(server_flags.NUM_WORKERS.value, sys.argv)
-    )  # Before TensorFlow is imported.
-  _serve(worker)
+    sys.exit(workers.supervise(server_flags.NUM_WORKERS.value, sys.argv))  # Before TF's import.
+  _serve(worker, metrics_paths)
 
 
-def _serve(worker: int | None) -> None:
-  """Runs one server (or one worker of --num_workers) until SIGTERM."""
+def _serve(worker: int | None, metrics_paths: frozenset[str]) -> None:
+  """Runs one server (or one worker of --num_workers) until SIGTERM; REST answers the
+  Prometheus metrics at `metrics_paths`."""
   from serving.server import metrics
 
   configs = _model_configs()
@@ -187,7 +203,7 @@ def _serve(worker: int | None) -> None:
   stop = threading.Event()
   _watch_config_files(models, policy, stop)
   request_path, logger, shadows = _request_path(configs, models, server_metrics, policy, worker)
-  grpc, health, httpd = _open_ports(request_path, models, batch_scheduler, worker)
+  grpc, health, httpd = _open_ports(request_path, models, batch_scheduler, worker, metrics_paths)
 
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
@@ -258,7 +274,7 @@ def _request_path(configs, models, server_metrics, policy, worker: int | None):
   return request_path, logger, shadows
 
 
-def _open_ports(request_path, models, batch_scheduler, worker: int | None):
+def _open_ports(request_path, models, batch_scheduler, worker: int | None, metrics_paths):
   """Starts gRPC (and REST when --rest_api_port is set): (grpc server, its health servicer,
   the REST server or None). A gRPC port that cannot be bound exits 1."""
   from serving.server import grpc_api, rest_api
@@ -285,6 +301,7 @@ def _open_ports(request_path, models, batch_scheduler, worker: int | None):
       max_connections=server_flags.REST_MAX_CONNECTIONS.value,
       read_timeout_seconds=server_flags.REST_READ_TIMEOUT.value,
       reuse_port=worker is not None,
+      metrics_paths=metrics_paths,
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(

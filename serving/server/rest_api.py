@@ -7,7 +7,7 @@
   POST /v1/models/NAME[/versions/N | /labels/L]:regress    (tf.Example features as JSON)
   POST /v1/models/NAME/feedback   {"request_id": ..., "label": INT[, "row": INT]} (this project's
                                   extension: ground truth next to the prediction log)
-  GET  /monitoring/prometheus/metrics
+  GET  /monitoring/prometheus/metrics  (and --monitoring_config_file's path, if it sets one)
 
 Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
 413 (request too large), 503 (unavailable) or 500. A thin transport: the route and JSON are
@@ -34,7 +34,7 @@ import time
 import grpc
 from absl import logging
 
-from serving.server import request_context, rest_actions
+from serving.server import monitoring_config, request_context, rest_actions
 from serving.server.errors import ServingError
 from serving.server.handlers import ModelSpec, RequestHandlers, RequestPath
 
@@ -82,10 +82,12 @@ class _Server(http.server.ThreadingHTTPServer):
     max_request_size_bytes,
     max_connections,
     read_timeout_seconds,
+    metrics_paths,
   ):
     super().__init__(address, _RequestHandler)
     self.path = path
     self.metrics = path.metrics
+    self.metrics_paths = metrics_paths
     self.max_request_size_bytes = max_request_size_bytes
     self.read_timeout_seconds = read_timeout_seconds
     self.shutting_down = threading.Event()
@@ -182,7 +184,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     logging.info("REST client %s: " + format, self.address_string(), *args)
 
   def do_GET(self):
-    if self.path == "/monitoring/prometheus/metrics":
+    if self.path in self.server.metrics_paths:
       self._send(200, self.server.metrics.exposition(), "text/plain; version=0.0.4")
       return
     self._handle("GET")
@@ -271,9 +273,11 @@ def build(
   max_connections: int = 512,
   read_timeout_seconds: float = 30.0,
   reuse_port: bool = False,
+  metrics_paths: frozenset[str] = frozenset({monitoring_config.DEFAULT_PATH}),
 ) -> http.server.ThreadingHTTPServer:
   """A bound (not yet serving) REST server; call `serve_forever()` in a thread. `reuse_port`:
-  other processes may bind the same port (--num_workers)."""
+  other processes may bind the same port (--num_workers). `metrics_paths`: where GET answers
+  the Prometheus metrics (serving/server/monitoring_config.py)."""
   server_class = _ReusePortServer if reuse_port else _Server
   return server_class(
     (host, port),
@@ -281,4 +285,5 @@ def build(
     max_request_size_bytes=max_request_size_bytes,
     max_connections=max_connections,
     read_timeout_seconds=read_timeout_seconds,
+    metrics_paths=metrics_paths,
   )

@@ -119,6 +119,13 @@ INTRA_OP_THREADS = flags.DEFINE_integer(
 INTER_OP_THREADS = flags.DEFINE_integer(
   "tensorflow_inter_op_parallelism", 0, "Threads running ops side by side; 0: the default."
 )
+MONITORING_CONFIG_FILE = flags.DEFINE_string(
+  "monitoring_config_file",
+  None,
+  "A text MonitoringConfig, as TF Serving's (prometheus_config { enable: true path: "
+  '"/metrics" }): REST also serves the Prometheus metrics at its path (they are always at '
+  "/monitoring/prometheus/metrics).",
+)
 SHUTDOWN_GRACE = flags.DEFINE_float(
   "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
 )

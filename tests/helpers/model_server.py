@@ -202,8 +202,8 @@ class Server:
     except urllib.error.HTTPError as e:
       return e.code, json.loads(e.read())
 
-  def metrics_text(self) -> str:
-    with urllib.request.urlopen(self.url + "/monitoring/prometheus/metrics", timeout=30) as r:
+  def metrics_text(self, path: str = "/monitoring/prometheus/metrics") -> str:
+    with urllib.request.urlopen(self.url + path, timeout=30) as r:
       return r.read().decode()
 
   def stop(self) -> int:
