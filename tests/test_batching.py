@@ -145,6 +145,46 @@ def test_a_full_queue_answers_unavailable(make_scheduler):
   assert all(isinstance(v, dict) for v in outcome.values()), outcome
 
 
+def test_a_request_past_its_deadline_is_answered_then_and_its_rows_never_run(make_scheduler):
+  gate = threading.Event()
+  observed = []
+  scheduler = make_scheduler(
+    lambda *args: observed.append(args), max_batch_size=1, num_batch_threads=1
+  )
+  servable = Servable(gate)
+  outcome = {}
+
+  def call(name, value, deadline=None):
+    try:
+      outcome[name] = scheduler.run(
+        servable, "s", {"x": np.full(1, value)}, servable.execute, deadline
+      )
+    except ServingError as e:
+      outcome[name] = e
+
+  threads = [threading.Thread(target=call, args=("running", 1.0))]
+  threads[0].start()
+  assert servable.entered.wait(30)  # Holds the only batch thread until the gate opens.
+  threads.append(threading.Thread(target=call, args=("expiring", 2.0, time.monotonic() + 0.2)))
+  threads[-1].start()
+  wait_for(lambda: scheduler.queued_tasks() == 1, 30, "the expiring request queued")
+  threads.append(threading.Thread(target=call, args=("patient", 3.0)))
+  threads[-1].start()
+  threads[1].join(30)  # Answered at its deadline, while its batch still waits.
+  assert outcome["expiring"].code == grpc.StatusCode.DEADLINE_EXCEEDED
+  assert "deadline passed before its batch ran" in outcome["expiring"].message
+  gate.set()
+  for thread in threads:
+    thread.join(30)
+  np.testing.assert_array_equal(outcome["patient"]["y"], [6.0])
+  assert [float(batch["x"][0]) for batch in servable.batches] == [1.0, 3.0]
+  assert observed == [("m", 1, 1, 1), ("m", 1, 1, 1)]
+  with pytest.raises(ServingError, match="before the request was queued") as error:
+    scheduler.run(servable, "s", {"x": np.ones(1)}, servable.execute, time.monotonic() - 1)
+  assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+  assert scheduler.queued_tasks() == 0
+
+
 def test_a_request_without_rows_runs_as_it_is(make_scheduler):
   scheduler = make_scheduler(max_batch_size=4, allowed_batch_sizes=(2, 4))
   servable = Servable()

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from absl import logging
 
-from serving.server.errors import ServingError
+from serving.server.errors import ServingError, check_deadline, deadline_exceeded
 
 # Defaults of TF Serving's BatchingParameters (SharedBatchScheduler::QueueOptions).
 DEFAULT_MAX_BATCH_SIZE = 1000
@@ -146,11 +146,12 @@ def read_batching_parameters(path: str | None) -> BatchingOptions:
 
 
 class _Task:
-  __slots__ = ("done", "error", "inputs", "outputs", "rows")
+  __slots__ = ("deadline", "done", "error", "inputs", "outputs", "rows")
 
-  def __init__(self, inputs: dict[str, np.ndarray], rows: int):
+  def __init__(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None):
     self.inputs = inputs
     self.rows = rows
+    self.deadline = deadline
     self.done = threading.Event()
     self.outputs: dict[str, np.ndarray] | None = None
     self.error: ServingError | None = None
@@ -199,11 +200,14 @@ class BatchScheduler:
     signature_name: str,
     inputs: dict[str, np.ndarray],
     execute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    deadline: float | None = None,
   ) -> dict[str, np.ndarray]:
     """`execute(inputs)`, batched with other requests to the same servable and signature whose
     inputs agree but for their first dimension. `servable` has `model_name` and `version`.
     Raises ServingError: INVALID_ARGUMENT for a request larger than max_batch_size or whose
-    inputs disagree on the batch size, UNAVAILABLE when the queue is full or the server stops."""
+    inputs disagree on the batch size, UNAVAILABLE when the queue is full or the server stops,
+    DEADLINE_EXCEEDED when `deadline` (time.monotonic()) passed before its batch ran (its rows
+    are left out of the batch)."""
     sizes = {name: value.shape[0] for name, value in inputs.items()}
     if len(set(sizes.values())) != 1:
       raise ServingError(
@@ -211,6 +215,7 @@ class BatchScheduler:
         f"with batching, every input needs the same batch size (first dimension); got {sizes}",
       )
     rows = next(iter(sizes.values()))
+    check_deadline(deadline, "the request was queued for a batch")
     if rows == 0:  # Nothing to merge (and no row to pad with).
       return execute(inputs)
     if rows > self.options.max_batch_size:
@@ -222,7 +227,7 @@ class BatchScheduler:
       )
     shapes = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
     key = (id(servable), signature_name, shapes)
-    task = _Task(inputs, rows)
+    task = _Task(inputs, rows, deadline)
     with self._cond:
       if self._stopping:
         raise ServingError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -247,7 +252,9 @@ class BatchScheduler:
       if batch.rows == self.options.max_batch_size:
         batch.closed = True
       self._cond.notify()
-    task.done.wait()
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not task.done.wait(remaining):  # Answered at its deadline; its batch leaves it out.
+      raise deadline_exceeded("its batch ran")
     if task.error is not None:
       raise task.error
     return task.outputs
@@ -294,10 +301,13 @@ class BatchScheduler:
       self._process(queue, batch)
 
   def _process(self, queue: _Queue, batch: _Batch) -> None:
-    tasks = batch.tasks
-    padded = self.options.padded_size(batch.rows)
+    tasks = _live_tasks(batch.tasks)
+    if not tasks:
+      return
+    rows = sum(task.rows for task in tasks)
+    padded = self.options.padded_size(rows)
     try:
-      if len(tasks) == 1 and padded == batch.rows:
+      if len(tasks) == 1 and padded == rows:
         inputs = tasks[0].inputs
       else:
         inputs = {
@@ -326,7 +336,21 @@ class BatchScheduler:
       for task in tasks:
         task.done.set()
     if self._observe is not None:
-      self._observe(queue.model, queue.version, batch.rows, padded)
+      self._observe(queue.model, queue.version, rows, padded)
+
+
+def _live_tasks(tasks: list[_Task]) -> list[_Task]:
+  """The tasks whose deadline has not passed; the others are answered DEADLINE_EXCEEDED now
+  (their clients have given up: running their rows would only delay the rest)."""
+  now = time.monotonic()
+  live = []
+  for task in tasks:
+    if task.deadline is not None and task.deadline <= now:
+      task.error = deadline_exceeded("its batch ran")
+      task.done.set()
+    else:
+      live.append(task)
+  return live
 
 
 def _concatenate(parts: list[np.ndarray], rows: int) -> np.ndarray:

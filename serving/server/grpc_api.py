@@ -193,18 +193,24 @@ def build(
   max_request_size_bytes: int,
   max_threads: int,
   reuse_port: bool = False,
+  channel_arguments: list[tuple[str, int | str]] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
   """A started gRPC server on `address` ("host:port"); returns it, the bound port (0 if it could
   not bind) and its health service (grpc.health.v1: SERVING for "" and both TF Serving
   services once started; `enter_graceful_shutdown()` turns them NOT_SERVING). `reuse_port`:
-  other processes may bind the same port (--num_workers); otherwise a taken port fails."""
-  server = grpc.server(
-    futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
-    options=[
+  other processes may bind the same port (--num_workers); otherwise a taken port fails.
+  `channel_arguments` (--grpc_channel_arguments) replace the server's options of their keys."""
+  options = dict(
+    [
       ("grpc.max_receive_message_length", max_request_size_bytes),
       ("grpc.max_send_message_length", -1),
       ("grpc.so_reuseport", 1 if reuse_port else 0),
-    ],
+      *channel_arguments,
+    ]
+  )
+  server = grpc.server(
+    futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
+    options=list(options.items()),
   )
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
     PredictionServicer(path), server

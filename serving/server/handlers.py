@@ -10,6 +10,7 @@ model spec becomes a loaded version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -180,7 +181,9 @@ class RequestHandlers:
     task's model_spec, asks for. Neither split, logged nor mirrored: those follow one signature."""
     tasks = multi_inference.tasks_of(request)
     served = self.resolve(spec)
-    response = multi_inference.infer(served, tasks, request.input, served.run)
+    deadline = self.context.deadline if self.context is not None else None
+    run = functools.partial(served.run, deadline=deadline)
+    response = multi_inference.infer(served, tasks, request.input, run)
     return Result(Served(served.model_name, served.version, ""), response)
 
   def _run(self, served: LoadedVersion, signature: SignatureInfo, arrays, output_filter=()):
@@ -189,7 +192,8 @@ class RequestHandlers:
     context = self.context
     if context is not None:
       context.signature_name, context.inputs = signature.name, arrays
-    outputs = served.run(signature.name, arrays, output_filter)
+    deadline = context.deadline if context is not None else None
+    outputs = served.run(signature.name, arrays, output_filter, deadline)
     if context is not None:
       context.outputs = outputs
     return outputs

@@ -16,7 +16,7 @@ import numpy as np
 from serving import contract
 from serving.server import example_features, tensors
 from serving.server.batching import BatchScheduler
-from serving.server.errors import ServingError
+from serving.server.errors import ServingError, check_deadline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,15 @@ class LoadedVersion:
     return self.signatures[name]
 
   def run(
-    self, signature_name: str, inputs: dict[str, np.ndarray], output_filter=()
+    self,
+    signature_name: str,
+    inputs: dict[str, np.ndarray],
+    output_filter=(),
+    deadline: float | None = None,
   ) -> dict[str, np.ndarray]:
     """Validates `inputs` against the signature and runs it (batched with other requests when
-    the server batches). Raises ServingError."""
+    the server batches), unless `deadline` (time.monotonic()) passes before it starts. Raises
+    ServingError (DEADLINE_EXCEEDED for the deadline)."""
     signature = self.signature(signature_name)
     check_inputs(signature, inputs)
     unknown = sorted(set(output_filter) - set(signature.outputs))
@@ -106,8 +111,9 @@ class LoadedVersion:
       )
     execute = functools.partial(self._execute, signature.name)
     if self._batch_scheduler is not None and signature.batchable:
-      outputs = self._batch_scheduler.run(self, signature.name, inputs, execute)
+      outputs = self._batch_scheduler.run(self, signature.name, inputs, execute, deadline)
     else:
+      check_deadline(deadline, "its model ran")
       outputs = execute(inputs)
     if output_filter:
       return {k: v for k, v in outputs.items() if k in output_filter}
@@ -126,9 +132,9 @@ class LoadedVersion:
       ) from e
     return {k: v.numpy() for k, v in result.items()}
 
-  def warm_up(self) -> int:
-    """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs); returns how many ran.
-    Raises ValueError for a record that is not a PredictLog, ServingError for one that fails.
+  def warm_up(self, iterations: int = 1) -> int:
+    """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs), each `iterations`
+    times; returns how many records there were. Raises ValueError for a record that is not a PredictLog, ServingError for one that fails.
 
     With batching, the first record of each batchable signature also runs at every batch size
     the scheduler pads to (its rows repeated), so no request waits for a compile."""
@@ -146,7 +152,8 @@ class LoadedVersion:
         raise ValueError(f"warmup record {count} is not a PredictLog; only Predict is supported")
       request = log.predict_log.request
       inputs = {k: self._tf.make_ndarray(v) for k, v in request.inputs.items()}
-      self.run(request.model_spec.signature_name, inputs, tuple(request.output_filter))
+      for _ in range(iterations):
+        self.run(request.model_spec.signature_name, inputs, tuple(request.output_filter))
       signature = self.signature(request.model_spec.signature_name)
       if self._batch_scheduler is not None and signature.batchable and signature.name not in warm:
         warm.add(signature.name)

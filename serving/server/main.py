@@ -164,6 +164,21 @@ def _metrics_paths() -> frozenset[str]:
   return paths
 
 
+def _channel_arguments() -> list[tuple[str, int | str]]:
+  """--grpc_channel_arguments as gRPC options; a malformed one: one `error:` line and exit 1."""
+  arguments = []
+  for entry in filter(None, server_flags.GRPC_CHANNEL_ARGUMENTS.value.split(",")):
+    key, equals, value = entry.partition("=")
+    if not equals or not key.strip():
+      _usage_error(
+        f"--grpc_channel_arguments entry {entry!r} is not key=value; write e.g. "
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=60000,grpc.keepalive_time_ms=10000"
+      )
+    value = value.strip()
+    arguments.append((key.strip(), int(value) if value.lstrip("-").isdigit() else value))
+  return arguments
+
+
 def _base_path_roots(configs) -> list[str]:
   if server_flags.MODEL_BASE_PATH_ROOTS.value is not None:
     return list(server_flags.MODEL_BASE_PATH_ROOTS.value)
@@ -182,7 +197,15 @@ def main(argv: list[str]) -> None:
   for flag in (server_flags.INTRA_OP_THREADS, server_flags.INTER_OP_THREADS):
     if flag.value < 0:
       _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
+  for flag in (
+    server_flags.REST_API_NUM_THREADS,
+    server_flags.REST_API_TIMEOUT_MS,
+    server_flags.WARMUP_ITERATIONS,
+  ):
+    if flag.value is not None and flag.value < 1:
+      _usage_error(f"--{flag.name}={flag.value} must be at least 1")
   metrics_paths = _metrics_paths()
+  _channel_arguments()
   if server_flags.NUM_WORKERS.value > 1 and worker is None:
     if server_flags.PORT.value == 0:
       _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")
@@ -230,6 +253,9 @@ def _load_models(configs, server_metrics, batch_scheduler):
     batch_scheduler=batch_scheduler,
     load_retry=model_versions.LoadRetry(
       server_flags.MAX_NUM_LOAD_RETRIES.value, server_flags.LOAD_RETRY_INTERVAL_MICROS.value / 1e6
+    ),
+    warmup=model_versions.Warmup(
+      server_flags.ENABLE_MODEL_WARMUP.value, server_flags.WARMUP_ITERATIONS.value
     ),
   )
   models.on_models_changed.append(server_metrics.set_model_names)
@@ -285,6 +311,7 @@ def _open_ports(request_path, models, batch_scheduler, worker: int | None, metri
     max_request_size_bytes=server_flags.MAX_REQUEST_SIZE.value,
     max_threads=_grpc_threads(batch_scheduler),
     reuse_port=worker is not None,
+    channel_arguments=_channel_arguments(),
   )
   if not grpc_port:
     logging.error(
@@ -302,6 +329,8 @@ def _open_ports(request_path, models, batch_scheduler, worker: int | None, metri
       read_timeout_seconds=server_flags.REST_READ_TIMEOUT.value,
       reuse_port=worker is not None,
       metrics_paths=metrics_paths,
+      num_threads=server_flags.REST_API_NUM_THREADS.value,
+      timeout_seconds=server_flags.REST_API_TIMEOUT_MS.value / 1000,
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(

@@ -50,6 +50,15 @@ class LoadRetry:
     return failures <= self.max_retries and time.monotonic() - last_failure >= self.interval_seconds
 
 
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+  """TF Serving's --enable_model_warmup and --num_request_iterations_for_warmup: whether a
+  loading version replays its warmup records before it is served, and how often each."""
+
+  enabled: bool = True
+  iterations: int = 1
+
+
 class ModelVersions:
   """Serves one model: the versions under its base path that its version policy chooses.
 
@@ -64,12 +73,14 @@ class ModelVersions:
     poll_wait_seconds: float = 1.0,
     batch_scheduler: BatchScheduler | None = None,
     load_retry: LoadRetry = LoadRetry(),
+    warmup: Warmup = Warmup(),
   ):
     self.name = config.name
     self.base_path = os.path.abspath(config.base_path)
     self.poll_wait_seconds = poll_wait_seconds
     self.batch_scheduler = batch_scheduler
     self.load_retry = load_retry
+    self.warmup = warmup
     # version -> (failed loads, monotonic time of the last) while the version is on disk.
     self._failures: dict[int, tuple[int, float]] = {}
     self.version_policy = config.version_policy
@@ -218,7 +229,7 @@ class ModelVersions:
     start = time.perf_counter()
     try:
       loaded = LoadedVersion(self.name, version, path, self.batch_scheduler)
-      warmup_count = loaded.warm_up()
+      warmup_count = loaded.warm_up(self.warmup.iterations) if self.warmup.enabled else 0
     except Exception as e:  # Any failure of a user's SavedModel is that version's error.
       message = f"{type(e).__name__}: {str(e).strip() or e!r}"
       failures = self._failures.get(version, (0, 0.0))[0] + 1
@@ -238,10 +249,10 @@ class ModelVersions:
       self._served[version] = loaded
       self._status[version] = VersionStatus(version, AVAILABLE)
     logging.info(
-      "Serving %s version %d (%d warmup requests) after %.1f s",
+      "Serving %s version %d (%s) after %.1f s",
       self.name,
       version,
-      warmup_count,
+      f"{warmup_count} warmup requests" if self.warmup.enabled else "warmup disabled",
       time.perf_counter() - start,
     )
     return True

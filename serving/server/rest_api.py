@@ -10,7 +10,7 @@
   GET  /monitoring/prometheus/metrics  (and --monitoring_config_file's path, if it sets one)
 
 Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
-413 (request too large), 503 (unavailable) or 500. A thin transport: the route and JSON are
+413 (request too large), 503 (unavailable), 504 (deadline exceeded) or 500. A thin transport: the route and JSON are
 decoded here, the work is the one request path's (handlers.RequestPath).
 
 Hostile clients: the listen backlog is the kernel's maximum (SOMAXCONN); at most
@@ -18,13 +18,19 @@ Hostile clients: the listen backlog is the kernel's maximum (SOMAXCONN); at most
 line, headers and body must arrive within `read_timeout_seconds` of its first byte (a client
 sending a header line every few seconds is cut off); a connection idle for 10 s is closed; a
 client that disconnects is logged in one line.
+
+As TF Serving's REST server: `num_threads` requests are processed at once (the others wait), and
+each has a deadline `timeout_seconds` after its body arrived; one that passes it waiting for a
+thread or a batch is answered 504 without running its model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
+import os
 import re
 import socket
 import sys
@@ -35,7 +41,7 @@ import grpc
 from absl import logging
 
 from serving.server import monitoring_config, request_context, rest_actions
-from serving.server.errors import ServingError
+from serving.server.errors import ServingError, deadline_exceeded
 from serving.server.handlers import ModelSpec, RequestHandlers, RequestPath
 
 _ROUTE = re.compile(
@@ -59,6 +65,7 @@ _HTTP_STATUS = {
   grpc.StatusCode.FAILED_PRECONDITION: 400,
   grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
   grpc.StatusCode.UNAVAILABLE: 503,
+  grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _TOO_MANY = (
   b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -83,6 +90,8 @@ class _Server(http.server.ThreadingHTTPServer):
     max_connections,
     read_timeout_seconds,
     metrics_paths,
+    num_threads,
+    timeout_seconds,
   ):
     super().__init__(address, _RequestHandler)
     self.path = path
@@ -92,6 +101,19 @@ class _Server(http.server.ThreadingHTTPServer):
     self.read_timeout_seconds = read_timeout_seconds
     self.shutting_down = threading.Event()
     self._slots = threading.BoundedSemaphore(max_connections)
+    self.timeout_seconds = timeout_seconds
+    self._processing = threading.BoundedSemaphore(num_threads)
+
+  @contextlib.contextmanager
+  def processing_slot(self, deadline: float):
+    """Holds one of the `num_threads` slots requests are processed in, waiting for one until
+    `deadline`. Raises ServingError DEADLINE_EXCEEDED when none came free in time."""
+    if not self._processing.acquire(timeout=max(0.0, deadline - time.monotonic())):
+      raise deadline_exceeded("a REST thread was free (--rest_api_num_threads)")
+    try:
+      yield
+    finally:
+      self._processing.release()
 
   def process_request(self, request, client_address):
     if not self._slots.acquire(blocking=False):
@@ -218,9 +240,11 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
           else grpc.StatusCode.NOT_FOUND,
           f"Malformed request: {method} {self.path}",
         )
-      return rest_actions.ACTIONS[action](handlers, spec, body)
+      with self.server.processing_slot(deadline):
+        return rest_actions.ACTIONS[action](handlers, spec, body)
 
-    outcome = self.server.path.serve("rest", _METHODS[action], spec, work, self.headers)
+    deadline = time.monotonic() + self.server.timeout_seconds  # From the body's arrival.
+    outcome = self.server.path.serve("rest", _METHODS[action], spec, work, self.headers, deadline)
     result = outcome.value if outcome.code == grpc.StatusCode.OK else {"error": outcome.message}
     extra = {request_context.REQUEST_ID_HEADER: outcome.request_id}
     if outcome.arm is not None:
@@ -274,10 +298,14 @@ def build(
   read_timeout_seconds: float = 30.0,
   reuse_port: bool = False,
   metrics_paths: frozenset[str] = frozenset({monitoring_config.DEFAULT_PATH}),
+  num_threads: int | None = None,
+  timeout_seconds: float = 30.0,
 ) -> http.server.ThreadingHTTPServer:
   """A bound (not yet serving) REST server; call `serve_forever()` in a thread. `reuse_port`:
   other processes may bind the same port (--num_workers). `metrics_paths`: where GET answers
-  the Prometheus metrics (serving/server/monitoring_config.py)."""
+  the Prometheus metrics (serving/server/monitoring_config.py). `num_threads` requests (default
+  4 per CPU) are processed at once; each must start within `timeout_seconds` of its body's
+  arrival (waiting for a thread or a batch included), else it gets 504."""
   server_class = _ReusePortServer if reuse_port else _Server
   return server_class(
     (host, port),
@@ -286,4 +314,6 @@ def build(
     max_connections=max_connections,
     read_timeout_seconds=read_timeout_seconds,
     metrics_paths=metrics_paths,
+    num_threads=num_threads or 4 * (os.cpu_count() or 1),
+    timeout_seconds=timeout_seconds,
   )

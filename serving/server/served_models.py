@@ -14,7 +14,7 @@ from serving.server.batching import BatchScheduler
 from serving.server.errors import ServingError
 from serving.server.loaded_version import LoadedVersion
 from serving.server.model_config import ModelConfig
-from serving.server.model_versions import LoadRetry, ModelVersions, VersionStatus
+from serving.server.model_versions import LoadRetry, ModelVersions, VersionStatus, Warmup
 
 
 class ServedModels:
@@ -28,9 +28,11 @@ class ServedModels:
     poll_wait_seconds: float = 1.0,
     batch_scheduler: BatchScheduler | None = None,
     load_retry: LoadRetry | None = None,
+    warmup: Warmup | None = None,
   ):
     self.poll_wait_seconds = poll_wait_seconds
     self.load_retry = load_retry or LoadRetry()
+    self.warmup = warmup or Warmup()
     self.batch_scheduler = batch_scheduler
     # Replaced whole by `reload`, never mutated: lookups read one consistent dict.
     self.models: dict[str, ModelVersions] = {}
@@ -95,6 +97,7 @@ class ServedModels:
       poll_wait_seconds=self.poll_wait_seconds,
       batch_scheduler=self.batch_scheduler,
       load_retry=self.load_retry,
+      warmup=self.warmup,
     )
 
   def start(self) -> None:

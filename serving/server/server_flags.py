@@ -43,8 +43,23 @@ MAX_NUM_LOAD_RETRIES = flags.DEFINE_integer(
 LOAD_RETRY_INTERVAL_MICROS = flags.DEFINE_integer(
   "load_retry_interval_micros", 60_000_000, "Microseconds between tries of a failed load."
 )
+ENABLE_MODEL_WARMUP = flags.DEFINE_bool(
+  "enable_model_warmup",
+  True,
+  "Replay a version's assets.extra/tf_serving_warmup_requests before serving it, so its first "
+  "requests do not pay for tracing and compiles.",
+)
+WARMUP_ITERATIONS = flags.DEFINE_integer(
+  "num_request_iterations_for_warmup", 1, "Times each warmup record is replayed."
+)
 MAX_REQUEST_SIZE = flags.DEFINE_integer(
   "max_request_size_bytes", 64 << 20, "Largest gRPC message or REST body accepted."
+)
+GRPC_CHANNEL_ARGUMENTS = flags.DEFINE_string(
+  "grpc_channel_arguments",
+  "",
+  "gRPC server arguments as key=value pairs separated by commas (integers are passed as "
+  "integers), e.g. grpc.max_connection_age_ms=60000; they override the server's own.",
 )
 GRPC_MAX_THREADS = flags.DEFINE_integer(
   "grpc_max_threads",
@@ -69,6 +84,19 @@ REST_MAX_CONNECTIONS = flags.DEFINE_integer(
   "rest_max_connections",
   512,
   "REST connections served at once (one thread each); more get HTTP 503 and are closed.",
+)
+REST_API_NUM_THREADS = flags.DEFINE_integer(
+  "rest_api_num_threads",
+  None,
+  "REST requests processed at once (TF Serving's REST thread pool); the others wait for a "
+  "slot within their --rest_api_timeout_in_ms. Default: 4 per CPU.",
+)
+REST_API_TIMEOUT_MS = flags.DEFINE_integer(
+  "rest_api_timeout_in_ms",
+  30_000,
+  "A REST request's deadline, from when its body has arrived: waiting for a thread or in a "
+  "batching queue counts; a request past it gets HTTP 504 (DEADLINE_EXCEEDED) and its model "
+  "does not run. gRPC requests keep their client's deadline the same way.",
 )
 REST_READ_TIMEOUT = flags.DEFINE_float(
   "rest_read_timeout_seconds",
