@@ -331,6 +331,7 @@ def _open_ports(request_path, models, batch_scheduler, worker: int | None, metri
       metrics_paths=metrics_paths,
       num_threads=server_flags.REST_API_NUM_THREADS.value,
       timeout_seconds=server_flags.REST_API_TIMEOUT_MS.value / 1000,
+      cors=server_flags.REST_API_ENABLE_CORS.value,
     )
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(

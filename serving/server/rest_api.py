@@ -71,6 +71,8 @@ _TOO_MANY = (
   b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
   b'Connection: close\r\nContent-Length: 46\r\n\r\n{"error": "too many connections; retry later"}'
 )
+# What a page's script may read of a response under CORS: the request id and the split's arm.
+_EXPOSED_HEADERS = f"{request_context.REQUEST_ID_HEADER}, {request_context.ARM_HEADER}"
 # Seconds an idle connection (no byte of a next request) is held open.
 IDLE_TIMEOUT_SECONDS = 10
 
@@ -92,6 +94,7 @@ class _Server(http.server.ThreadingHTTPServer):
     metrics_paths,
     num_threads,
     timeout_seconds,
+    cors,
   ):
     super().__init__(address, _RequestHandler)
     self.path = path
@@ -102,6 +105,7 @@ class _Server(http.server.ThreadingHTTPServer):
     self.shutting_down = threading.Event()
     self._slots = threading.BoundedSemaphore(max_connections)
     self.timeout_seconds = timeout_seconds
+    self.cors = cors
     self._processing = threading.BoundedSemaphore(num_threads)
 
   @contextlib.contextmanager
@@ -214,6 +218,25 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
   def do_POST(self):
     self._handle("POST")
 
+  def do_OPTIONS(self):
+    """A browser's CORS preflight: allowed (any origin, the headers it asks for) with
+    --rest_api_enable_cors_support, else 501 as any other unsupported method."""
+    if not self.server.cors:
+      message = {"error": "Unsupported method OPTIONS; start with --rest_api_enable_cors_support"}
+      self._send(501, json.dumps(message).encode(), "application/json")
+      return
+    asked = self.headers.get("Access-Control-Request-Headers")
+    self._send(
+      204,
+      b"",
+      "text/plain",
+      {
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": asked or "Content-Type",
+        "Access-Control-Max-Age": "600",
+      },
+    )
+
   def _handle(self, method: str) -> None:
     match = _ROUTE.match(self.path)
     action = (match["action"] or "") if match else ""
@@ -280,6 +303,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     self.send_header("Content-Type", content_type)
     for name, value in (extra or {}).items():
       self.send_header(name, value)
+    if self.server.cors:
+      self.send_header("Access-Control-Allow-Origin", "*")
+      self.send_header("Access-Control-Expose-Headers", _EXPOSED_HEADERS)
     self.send_header("Content-Length", str(len(payload)))
     if self.server.shutting_down.is_set():
       self.send_header("Connection", "close")
@@ -300,12 +326,14 @@ def build(
   metrics_paths: frozenset[str] = frozenset({monitoring_config.DEFAULT_PATH}),
   num_threads: int | None = None,
   timeout_seconds: float = 30.0,
+  cors: bool = False,
 ) -> http.server.ThreadingHTTPServer:
   """A bound (not yet serving) REST server; call `serve_forever()` in a thread. `reuse_port`:
   other processes may bind the same port (--num_workers). `metrics_paths`: where GET answers
   the Prometheus metrics (serving/server/monitoring_config.py). `num_threads` requests (default
   4 per CPU) are processed at once; each must start within `timeout_seconds` of its body's
-  arrival (waiting for a thread or a batch included), else it gets 504."""
+  arrival (waiting for a thread or a batch included), else it gets 504. `cors`: CORS headers
+  for any origin, and OPTIONS preflights answered."""
   server_class = _ReusePortServer if reuse_port else _Server
   return server_class(
     (host, port),
@@ -316,4 +344,5 @@ def build(
     metrics_paths=metrics_paths,
     num_threads=num_threads or 4 * (os.cpu_count() or 1),
     timeout_seconds=timeout_seconds,
+    cors=cors,
   )

@@ -98,6 +98,12 @@ REST_API_TIMEOUT_MS = flags.DEFINE_integer(
   "batching queue counts; a request past it gets HTTP 504 (DEADLINE_EXCEEDED) and its model "
   "does not run. gRPC requests keep their client's deadline the same way.",
 )
+REST_API_ENABLE_CORS = flags.DEFINE_bool(
+  "rest_api_enable_cors_support",
+  False,
+  "CORS headers on REST responses (any origin) and answers to browsers' OPTIONS preflights, "
+  "so a web page on another origin can call the REST API.",
+)
 REST_READ_TIMEOUT = flags.DEFINE_float(
   "rest_read_timeout_seconds",
   30.0,

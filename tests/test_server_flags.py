@@ -1,10 +1,13 @@
-"""Request deadlines and TF Serving's REST, warmup and gRPC flags: --rest_api_timeout_in_ms (a
+"""TF Serving's REST, warmup and gRPC flags, and request deadlines: --rest_api_timeout_in_ms (a
 REST request past it answers 504 without its model running; a gRPC request keeps its client's
 deadline the same way), --rest_api_num_threads (requests processed at once, the others wait for
-a slot), --enable_model_warmup, --num_request_iterations_for_warmup and --grpc_channel_arguments.
+a slot), --rest_api_enable_cors_support, --enable_model_warmup,
+--num_request_iterations_for_warmup and --grpc_channel_arguments.
 The scheduler's part of the deadline is in test_batching.py."""
 
+import http.client
 import os
+import threading
 import time
 import types
 
@@ -48,6 +51,7 @@ def slow_batches_server(digits, tmp_path_factory):
     "--rest_api_num_threads=1",
     "--enable_model_warmup=false",
     f"--grpc_channel_arguments=grpc.max_receive_message_length={GRPC_MAX_MESSAGE}",
+    "--rest_api_enable_cors_support",
   ]
   with model_server.Server(args, str(root / "server.log")) as server:
     yield server
@@ -110,6 +114,51 @@ def test_grpc_channel_arguments_override_the_server_options(slow_batches_server)
   with pytest.raises(grpc.RpcError) as error:
     slow_batches_server.predict_stub.Predict(request, timeout=30)
   assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _http(port: int, method: str, path: str, headers=None):
+  """(status, headers) of one HTTP request to 127.0.0.1:`port`."""
+  connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+  try:
+    connection.request(method, path, headers=headers or {})
+    response = connection.getresponse()
+    response.read()
+    return response.status, response.headers
+  finally:
+    connection.close()
+
+
+def test_cors_headers_and_preflight(slow_batches_server):
+  status, headers = _http(
+    slow_batches_server.rest_port,
+    "OPTIONS",
+    "/v1/models/digits:predict",
+    {
+      "Origin": "http://app.example",
+      "Access-Control-Request-Method": "POST",
+      "Access-Control-Request-Headers": "content-type, x-user-id",
+    },
+  )
+  assert status == 204
+  assert headers["Access-Control-Allow-Origin"] == "*"
+  assert "POST" in headers["Access-Control-Allow-Methods"]
+  assert headers["Access-Control-Allow-Headers"] == "content-type, x-user-id"
+  status, headers = _http(slow_batches_server.rest_port, "GET", "/v1/models/digits")
+  assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+  assert "x-request-id" in headers["Access-Control-Expose-Headers"]
+
+
+def test_without_cors_support_a_preflight_is_unsupported():
+  httpd = rest_api.build(
+    types.SimpleNamespace(metrics=None), "127.0.0.1", 0, max_request_size_bytes=1 << 20
+  )
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  try:
+    status, headers = _http(httpd.server_address[1], "OPTIONS", "/v1/models/digits:predict")
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+  assert status == 501 and "Access-Control-Allow-Origin" not in headers
 
 
 def test_a_rest_request_waits_for_a_processing_slot_until_its_deadline():
