@@ -62,13 +62,16 @@ def served(digits, tmp_path_factory):
     yield server, logs
 
 
-def _wait_logs(logs: str, count: int):
+def _wait_logs(logs: str, count: int, until=lambda read: True):
+  """The logs once they hold `count` records and `until(logs)` holds (records are written
+  asynchronously: a count alone may be reached before the one a test looks for is written)."""
+
   def enough():
     try:
       read = prediction_log.read_logs(logs)
     except prediction_log.LogError:
       return None
-    return read if read.num_records >= count else None
+    return read if read.num_records >= count and until(read) else None
 
   return model_server.wait_for(enough, 30, f"{count} log records")
 
@@ -120,8 +123,9 @@ def test_records_carry_requests_responses_and_metadata(served):
     server.predict_stub.Predict(
       predict_request(np.zeros((1, 3), np.float32)), metadata=[("x-request-id", "bad")], timeout=30
     )
-  read = _wait_logs(logs, 41 + 3)  # + the earlier tests' requests
-  assert read.error_records.get(grpc.StatusCode.INVALID_ARGUMENT.value[0]) == 1
+  invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+  read = _wait_logs(logs, 41, until=lambda read: invalid in read.error_records)
+  assert read.error_records.get(invalid) == 1
   for request_id, (rows, outputs, spec) in sent.items():
     mine = read.select(read.request_id == request_id)
     assert len(mine) == len(rows)
