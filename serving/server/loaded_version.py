@@ -134,7 +134,8 @@ class LoadedVersion:
 
   def warm_up(self, iterations: int = 1) -> int:
     """Replays `assets.extra/tf_serving_warmup_requests` (Predict logs), each `iterations`
-    times; returns how many records there were. Raises ValueError for a record that is not a PredictLog, ServingError for one that fails.
+    times; returns how many records there were. Raises ValueError for a record that is not a
+    PredictLog, ServingError for one that fails.
 
     With batching, the first record of each batchable signature also runs at every batch size
     the scheduler pads to (its rows repeated), so no request waits for a compile."""

@@ -205,7 +205,7 @@ def main(argv: list[str]) -> None:
     if flag.value is not None and flag.value < 1:
       _usage_error(f"--{flag.name}={flag.value} must be at least 1")
   metrics_paths = _metrics_paths()
-  _channel_arguments()
+  _channel_arguments()  # Parsed again where the port opens; checked here, before workers start.
   if server_flags.NUM_WORKERS.value > 1 and worker is None:
     if server_flags.PORT.value == 0:
       _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")
