@@ -10,8 +10,8 @@
   GET  /monitoring/prometheus/metrics  (and --monitoring_config_file's path, if it sets one)
 
 Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
-413 (request too large), 503 (unavailable), 504 (deadline exceeded) or 500. A thin transport: the route and JSON are
-decoded here, the work is the one request path's (handlers.RequestPath).
+413 (request too large), 503 (unavailable), 504 (deadline exceeded) or 500. A thin transport:
+the route and JSON are decoded here, the work is the one request path's (handlers.RequestPath).
 
 Hostile clients: the listen backlog is the kernel's maximum (SOMAXCONN); at most
 `max_connections` connections are served at once (others get 503 and are closed); a request's
