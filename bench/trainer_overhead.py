@@ -3,17 +3,20 @@ r"""Trainer overhead vs a minimal jit loop, and how long a checkpoint save block
   .venv/bin/python bench/trainer_overhead.py          # default: about 4 minutes on 2 CPU cores
   .venv/bin/python bench/trainer_overhead.py --quick  # sanity run, under a minute
 
-Part 1 trains the same model on the same synthetic data three ways, in two setups:
+Part 1 trains the same model on the same synthetic data four ways, in two setups:
   * tiny (`--tiny`, default the mlp on 16x16x3, about 2 ms a step on a CPU): mostly measures the
     fixed host work per step (Python, dispatch, input, metrics);
   * medium (`--medium`, default the cnn on 8x8x1 inputs, the model and shapes of `make run`,
     about 17 ms a step on a CPU): a step whose compute dominates, as on a real model.
-The three variants, run once per repeat, interleaved so that drift in machine speed hits all alike:
+The four variants, run once per repeat, interleaved so that drift in machine speed hits all alike:
   * trainer: `trainer.train.train_and_evaluate` as is (grain input pipeline, every step's loss
     and learning rate read back and logged every 100 steps with the gradient/parameter/update
     norms of the logging step,
     async checkpoints every 500 steps, one eval at the end); its `steps_per_sec` excludes the
-    first (compiling) step and the eval;
+    first (compiling) step and the eval; it gathers each batch on the device from the copy of
+    the training arrays it made there (data.device_resident_mb);
+  * trainer, host batches: the same with data.device_resident_mb=0, each batch gathered on the
+    host and copied to the device (what the trainer did before, and does for larger data);
   * minimal: `jax.jit` of a hand-written step (same flax model, same optax optimizer, same loss)
     over batches pre-built as numpy arrays, `jax.device_put` each step, timed after one warmup
     step up to `block_until_ready`;
@@ -32,6 +35,7 @@ Run on one CPU device (no --xla_force_host_platform_device_count). Results: docs
 
 from __future__ import annotations
 
+import copy
 import cProfile
 import dataclasses
 import gc
@@ -88,6 +92,7 @@ _TMP_ROOT = flags.DEFINE_string("tmp_root", None, "Where workdirs go (default: s
 
 VARIANTS = {
   "trainer": "trainer: train_and_evaluate (log/100, async ckpt/500)",
+  "trainer_host_batches": "trainer, each batch copied from the host (data.device_resident_mb=0)",
   "minimal": "minimal: jit loop, hand-written step",
   "minimal_trainer_step": "diagnostic: minimal loop, trainer's jitted step",
 }
@@ -211,6 +216,8 @@ def variant_runners(setup: Setup, tmp_root: str) -> dict[str, Callable[[], float
   config = setup.config
   batches = host_batches(config)
   init, step = minimal_train_step(config)
+  host_batches_config = copy.deepcopy(config)
+  host_batches_config.data.device_resident_mb = 0
 
   def minimal_trainer_step() -> float:
     experiment = train.build_experiment(config)
@@ -219,6 +226,9 @@ def variant_runners(setup: Setup, tmp_root: str) -> dict[str, Callable[[], float
 
   return {
     "trainer": lambda: harness.run_trainer(config, tmp_root).steps_per_sec,
+    "trainer_host_batches": lambda: (
+      harness.run_trainer(host_batches_config, tmp_root).steps_per_sec
+    ),
     "minimal": lambda: harness.time_loop(
       step, init(jax.random.PRNGKey(config.seed)), batches, config.train.num_steps
     ),
@@ -337,6 +347,7 @@ def report_setup(setup: Setup, rates: dict[str, list[float]], pipeline_rate: flo
   ratio = paired("trainer", "minimal")
   loop_ratio = paired("trainer", "minimal_trainer_step")
   step_ratio = paired("minimal_trainer_step", "minimal")
+  device_ratio = paired("trainer", "trainer_host_batches")
   step_ms = 1e3 / medians["minimal"]
   return "\n".join(
     [
@@ -358,7 +369,8 @@ def report_setup(setup: Setup, rates: dict[str, list[float]], pipeline_rate: flo
       f"{setup.name}, medians of per-run ratios: trainer / minimal = {ratio:.3f} "
       f"(target >= 0.97: {'met' if ratio >= 0.97 else 'NOT met'}); "
       f"trainer / minimal loop with the trainer's step = {loop_ratio:.3f} (the loop around the "
-      f"step); trainer's step / hand-written step = {step_ratio:.3f} (the step's extra metrics)",
+      f"step); trainer's step / hand-written step = {step_ratio:.3f} (the step's extra metrics); "
+      f"batches gathered on the device / copied from the host = {device_ratio:.3f}",
       f"{setup.name}: the input pipeline alone delivers {pipeline_rate:.0f} batches/s "
       f"({1e3 / pipeline_rate:.2f} ms a batch, against {step_ms:.2f} ms a minimal step)",
     ]

@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Host threads that read and batch, and how many batches they keep ready.
   config.data.worker_threads = 2
   config.data.prefetch_batches = 4
+  # In-memory training arrays (digits, synthetic, npz) of at most this many MiB are copied to
+  # every device once and each batch is gathered there (no host copy per step); 0: never.
+  config.data.device_resident_mb = 256
 
   config.model = ml_collections.ConfigDict()
   # A name from models.MODELS, e.g. cnn, cnn_tiny, mlp, mlp_tiny.

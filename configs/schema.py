@@ -186,6 +186,7 @@ RULES: dict[str, Rule] = {
   "data.shuffle": boolean(),
   "data.worker_threads": integer(min=0),
   "data.prefetch_batches": integer(min=1),
+  "data.device_resident_mb": integer(min=0),
   # model
   "model.name": text(nonempty=True),  # Looked up in models.MODELS, which lists the choices.
   "model.dtype": choice("float32", "bfloat16"),

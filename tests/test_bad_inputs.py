@@ -158,6 +158,9 @@ CASES = {
   ),
   # Values outside their range (configs/schema.py).
   "lr_nan": Case((SMOKE, "--config.optim.learning_rate=nan"), r"learning_rate=nan is NaN"),
+  "device_resident_negative": Case(
+    (SMOKE, "--config.data.device_resident_mb=-1"), r"device_resident_mb=-1 .*>= 0"
+  ),
   "lr_inf": Case((SMOKE, "--config.optim.learning_rate=inf"), r"learning_rate=inf is infinite"),
   "lr_negative": Case(
     (SMOKE, "--config.optim.learning_rate=-1"), r"learning_rate=-1\.0 is out of range.*> 0"

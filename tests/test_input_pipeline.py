@@ -25,7 +25,7 @@ def _sharding(devices):
   return partitioning.batch_sharding(mesh)
 
 
-def _iterator(dataset, sharding, batch=16, seed=3):
+def _iterator(dataset, sharding, batch=16, seed=3, device_resident_bytes=0):
   return input_pipeline.train_iterator(
     dataset,
     global_batch_size=batch,
@@ -34,6 +34,7 @@ def _iterator(dataset, sharding, batch=16, seed=3):
     worker_threads=2,
     prefetch_batches=3,
     sharding=sharding,
+    device_resident_bytes=device_resident_bytes,
   )
 
 
@@ -75,6 +76,44 @@ def test_batches_are_sharded_over_the_data_axes():
   batch = next(_iterator(dataset, _sharding(jax.devices()), batch=16))
   assert batch["inputs"].shape == (16, 8, 8, 1)
   assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 8, 8, 1)}
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=-1, fsdp=1), dict(data=2, fsdp=4)])
+def test_device_resident_batches_are_the_host_batches(mesh_shape):
+  """Gathered on the devices or copied from the host: the same rows with the same sharding,
+  across epoch boundaries (400 of digits' 1257 training examples a batch) and after a resume."""
+  dataset = load_dataset(_data_config(name="digits"))
+  mesh = partitioning.create_mesh(ml_collections.ConfigDict(dict(tensor=1, **mesh_shape)))
+  sharding = partitioning.batch_sharding(mesh)
+  host = _iterator(dataset, sharding, batch=400)
+  device = _iterator(dataset, sharding, batch=400, device_resident_bytes=2**30)
+  for _ in range(7):
+    expected, got = next(host), next(device)
+    for key in ("inputs", "labels"):
+      assert got[key].sharding == expected[key].sharding
+      assert got[key].dtype == expected[key].dtype
+      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
+  resumed = _iterator(dataset, sharding, batch=400, device_resident_bytes=2**30)
+  resumed.set_state(device.get_state())
+  assert device.get_state() == host.get_state() == {"next_index": 7}
+  np.testing.assert_array_equal(np.asarray(next(resumed)["labels"]), next(host)["labels"])
+
+
+@pytest.mark.parametrize("budget_bytes, on_device", [(0, False), (1000, False), (2**30, True)])
+def test_training_arrays_go_to_the_devices_only_within_the_budget(
+  monkeypatch, budget_bytes, on_device
+):
+  gathers = []
+
+  class RecordingGather(input_pipeline.DeviceGather):
+    def __init__(self, arrays, sharding):
+      gathers.append(sum(a.nbytes for a in arrays.values()))
+      super().__init__(arrays, sharding)
+
+  monkeypatch.setattr(input_pipeline, "DeviceGather", RecordingGather)
+  dataset = load_dataset(_data_config(name="digits"))  # 1257 x (64 + 1) x 4 bytes of training.
+  next(_iterator(dataset, _sharding(jax.devices()), device_resident_bytes=budget_bytes))
+  assert gathers == ([len(dataset.train) * 65 * 4] if on_device else [])
 
 
 @pytest.mark.parametrize("batch", [8, 64, 400])

@@ -199,3 +199,30 @@ def test_early_stopping_patience_carries_across_resume(smoke_config, tmp_path):
   result = train.train_and_evaluate(smoke_config, str(tmp_path))
   # Two more evals without improvement (15, 20) exhaust the patience of 3 carried over.
   assert result.stopped_early and result.step == 20
+
+
+@pytest.mark.parametrize("mesh", [dict(data=-1, fsdp=1), dict(data=2, fsdp=4)])
+def test_batches_gathered_on_the_devices_train_as_batches_copied_from_the_host(
+  smoke_config, tmp_path, monkeypatch, mesh
+):
+  """The digits fit the default data.device_resident_mb: each batch is gathered on the devices
+  (DeviceGather). That trains to the losses and metrics of a run whose batches are copied from
+  the host (device_resident_mb=0), sharded over 8 devices."""
+  from trainer.data import pipeline as input_pipeline
+
+  gathers = []
+  gather = input_pipeline.DeviceGather.__call__
+  monkeypatch.setattr(
+    input_pipeline.DeviceGather, "__call__", lambda self, i: gathers.append(1) or gather(self, i)
+  )
+  results = {}
+  for budget_mb in (smoke_config.data.device_resident_mb, 0):
+    smoke_config.data.device_resident_mb = budget_mb
+    smoke_config.mesh.update(mesh)
+    results[budget_mb] = train.train_and_evaluate(smoke_config, str(tmp_path / f"{budget_mb}"))
+  assert len(gathers) == smoke_config.train.num_steps  # Every batch of the first run only.
+  on_device, from_host = results.values()
+  assert on_device.logged_losses == pytest.approx(from_host.logged_losses, rel=1e-6)
+  assert on_device.eval_metrics == pytest.approx(from_host.eval_metrics, rel=1e-6)
+  assert on_device.test_metrics == pytest.approx(from_host.test_metrics, rel=1e-6)
+  assert on_device.step == from_host.step == smoke_config.train.num_steps

@@ -76,6 +76,7 @@ class Experiment:
       "worker_threads": config.data.worker_threads,
       "prefetch_batches": config.data.prefetch_batches,
       "sharding": self.batch_sharding,
+      "device_resident_bytes": config.data.device_resident_mb * 2**20,
     }
     return input_pipeline.train_iterator(self.dataset, **{**kwargs, **overrides})
 

@@ -7,9 +7,10 @@ state is a small JSON dict (how many batches were consumed) that Orbax saves wit
 so a resumed run continues the exact stream, even on a different number of processes.
 
 Sources with a vectorized `take` (in-memory arrays, packed text) read a whole batch in one call, in
-the training loop's thread, right after the previous step was dispatched; per-example sources
-(ArrayRecord) read in grain's background threads, which keep batches ready and copy them to the
-devices one batch ahead.
+the training loop's thread, right after the previous step was dispatched; in-memory arrays within
+`device_resident_bytes` are copied to every device once and each batch is gathered there instead
+(DeviceGather); per-example sources (ArrayRecord) read in grain's background threads, which keep
+batches ready and copy them to the devices one batch ahead.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def train_iterator(
   worker_threads: int,
   prefetch_batches: int,
   sharding: jax.sharding.NamedSharding,
+  device_resident_bytes: int = 0,
 ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of `{"inputs", "labels"}` global jax.Arrays.
 
-  Its state is `{"next_index": batches consumed}` whichever way it reads.
-  `worker_threads` and `prefetch_batches` apply to per-example sources only: a source with a
-  vectorized `take` reads each batch in the calling thread (see InlineBatchIterator).
+  Its state is `{"next_index": batches consumed}` whichever way it reads, and the batches are
+  the same. `worker_threads` and `prefetch_batches` apply to per-example sources only: a source
+  with a vectorized `take` reads each batch in the calling thread (see InlineBatchIterator),
+  from a copy on the devices when its `arrays` hold at most `device_resident_bytes` (0: never).
   """
-  to_device = functools.partial(_to_global_arrays, sharding=sharding)
   batches = GlobalStreamBatches(
     dataset.train,
     global_batch_size=global_batch_size,
@@ -66,8 +68,13 @@ def train_iterator(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+  arrays = getattr(dataset.train, "arrays", None)  # Aligned arrays that `take` indexes.
+  if arrays is not None and 0 < sum(a.nbytes for a in arrays.values()) <= device_resident_bytes:
+    gather = DeviceGather(arrays, sharding)
+    return InlineBatchIterator(lambda index: gather(batches.indices(index)))
   if hasattr(dataset.train, "take"):
-    return InlineBatchIterator(batches, to_device)
+    return InlineBatchIterator(lambda index: _to_global_arrays(batches[index], sharding))
+  to_device = functools.partial(_to_global_arrays, sharding=sharding)
   read_options = grain.ReadOptions(
     num_threads=worker_threads, prefetch_buffer_size=prefetch_batches
   )
@@ -83,7 +90,7 @@ def train_iterator(
 
 
 class InlineBatchIterator(grain.DatasetIterator):
-  """Reads batch k of `batches` and copies it to the devices when asked, in the caller's thread.
+  """Batch k as `read(k)` returns it (on the devices), when asked, in the caller's thread.
 
   For sources whose whole-batch read is cheap (one vectorized `take`, ~25 us for 128 examples):
   called right after the previous step was dispatched, the read and copy overlap that step.
@@ -94,18 +101,13 @@ class InlineBatchIterator(grain.DatasetIterator):
   checkpoint resumes with either kind.
   """
 
-  def __init__(
-    self,
-    batches: GlobalStreamBatches,
-    to_device: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
-  ):
+  def __init__(self, read: Callable[[int], dict[str, jax.Array]]):
     super().__init__()
-    self._batches = batches
-    self._to_device = to_device
+    self._read = read
     self._next_index = 0
 
   def __next__(self) -> dict[str, jax.Array]:
-    batch = self._to_device(self._batches[self._next_index])
+    batch = self._read(self._next_index)
     self._next_index += 1
     return batch
 
@@ -114,6 +116,42 @@ class InlineBatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     self._next_index = state["next_index"]
+
+
+class DeviceGather:
+  """A source's aligned arrays, copied once to every device of `sharding`'s mesh; called with
+  this process's example indices of a batch, it gathers those rows on the devices.
+
+  Why: at a ~1.5 ms step the host's copy of each batch (a numpy gather, then `device_put`) is
+  ~10% of the loop on a 2-core CPU (docs/benchmarks.md, issue 15). Rows are gathered from each
+  device's own replica, so the batch is born with `sharding` and nothing moves between devices.
+  (Gathering inside the train step's own computation instead saved nothing measurable: the
+  gather's dispatch overlaps the previous step.)
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding):
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    self._arrays = {
+      # From a callback: every process holds the same arrays (each reads its rows from them).
+      name: jax.make_array_from_callback(array.shape, replicated, lambda index, a=array: a[index])
+      for name, array in arrays.items()
+    }
+    self._sharding = sharding
+    self._index_dtype = np.int32 if len(next(iter(arrays.values()))) < 2**31 else np.int64
+    self._gather = jax.jit(
+      _gather_rows, in_shardings=(replicated, sharding), out_shardings=sharding
+    )
+
+  def __call__(self, indices: np.ndarray) -> dict[str, jax.Array]:
+    indices = indices.astype(self._index_dtype)
+    if jax.process_count() > 1:
+      indices = jax.make_array_from_process_local_data(self._sharding, indices)
+    # With one process jit places the host array itself, for less than a device_put costs.
+    return self._gather(self._arrays, indices)
+
+
+def _gather_rows(arrays: dict[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:
+  return {name: array[indices] for name, array in arrays.items()}
 
 
 class GlobalStreamBatches:
@@ -160,6 +198,7 @@ class GlobalStreamBatches:
       permutation = (
         np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
       )
+      permutation.flags.writeable = False  # indices() hands out slices of it.
       # A batch touches at most two epochs; keep the latest few.
       self._permutations = {e: p for e, p in self._permutations.items() if e >= epoch - 2}
       self._permutations[epoch] = permutation
@@ -168,6 +207,9 @@ class GlobalStreamBatches:
   def indices(self, index: int) -> np.ndarray:
     """Example indices of this process's rows of global batch `index`."""
     start = index * self.global_batch_size + self.process_index * self.local_batch_size
+    epoch, offset = divmod(start, len(self.source))
+    if offset + self.local_batch_size <= len(self.source):  # Within one epoch: a slice.
+      return self._permutation(epoch)[offset : offset + self.local_batch_size]
     epochs, offsets = np.divmod(np.arange(start, start + self.local_batch_size), len(self.source))
     indices = np.empty(self.local_batch_size, np.int64)
     for epoch in np.unique(epochs):

@@ -50,6 +50,11 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"inputs": self.inputs[index], "labels": self.labels[index]}
 
+  @property
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The examples as aligned arrays: `take(indices)` is each one indexed by `indices`."""
+    return {"inputs": self.inputs, "labels": self.labels}
+
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Many examples in one vectorized read."""
     return {"inputs": self.inputs[indices], "labels": self.labels[indices]}
