@@ -72,9 +72,9 @@ def train_iterator(
   if arrays is not None and 0 < sum(a.nbytes for a in arrays.values()) <= device_resident_bytes:
     gather = DeviceGather(arrays, sharding)
     return InlineBatchIterator(lambda index: gather(batches.indices(index)))
-  if hasattr(dataset.train, "take"):
-    return InlineBatchIterator(lambda index: _to_global_arrays(batches[index], sharding))
   to_device = functools.partial(_to_global_arrays, sharding=sharding)
+  if hasattr(dataset.train, "take"):
+    return InlineBatchIterator(lambda index: to_device(batches[index]))
   read_options = grain.ReadOptions(
     num_threads=worker_threads, prefetch_buffer_size=prefetch_batches
   )
@@ -137,6 +137,7 @@ class DeviceGather:
       for name, array in arrays.items()
     }
     self._sharding = sharding
+    self._multi_process = jax.process_count() > 1  # Read once: __call__ runs every step.
     self._index_dtype = np.int32 if len(next(iter(arrays.values()))) < 2**31 else np.int64
     self._gather = jax.jit(
       _gather_rows, in_shardings=(replicated, sharding), out_shardings=sharding
@@ -144,7 +145,7 @@ class DeviceGather:
 
   def __call__(self, indices: np.ndarray) -> dict[str, jax.Array]:
     indices = indices.astype(self._index_dtype)
-    if jax.process_count() > 1:
+    if self._multi_process:
       indices = jax.make_array_from_process_local_data(self._sharding, indices)
     # With one process jit places the host array itself, for less than a device_put costs.
     return self._gather(self._arrays, indices)
