@@ -7,8 +7,12 @@ r"""Router mode: TF Serving's gRPC and REST APIs in front of a TF-Serving-compat
 
 Version labels and logging_config come from --model_config_file (the backend's own file; base
 paths are not read); without it a traffic config's labels are taken as the backend's and
-nothing is logged. The backend is reached over gRPC only. SIGTERM (or SIGINT) finishes requests
-in flight and exits 0.
+nothing is logged. The backend is reached over gRPC only. The ports and the request path take
+the model server's flags (serving/server/front_flags.py: --rest_api_num_threads,
+--rest_api_timeout_in_ms, which also bounds the forwarded call, --rest_api_enable_cors_support,
+--grpc_channel_arguments, --monitoring_config_file, ...), so the router can stand where
+`tensorflow_model_server` stood in a manifest. SIGTERM (or SIGINT) finishes requests in flight
+and exits 0.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import threading
 
 from absl import flags, logging
 
+from serving.server import front_flags
+
+flags.adopt_module_key_flags(front_flags)
+
 _PORT = flags.DEFINE_integer("port", 8600, "gRPC port.")
-_REST_API_PORT = flags.DEFINE_integer("rest_api_port", 0, "REST port; 0 disables REST.")
-_HOST = flags.DEFINE_string(
-  "host", "127.0.0.1", "Address both APIs listen on; 0.0.0.0 (all interfaces) must be asked for."
-)
 _BACKEND = flags.DEFINE_string(
   "backend", None, "HOST:PORT of the backend's gRPC API (a TF-Serving-compatible server)."
 )
@@ -40,32 +44,7 @@ _MODEL_CONFIG_FILE = flags.DEFINE_string(
 _MODEL_CONFIG_FILE_POLL_WAIT = flags.DEFINE_integer(
   "model_config_file_poll_wait_seconds", 0, "Seconds between reads of --model_config_file; 0: once."
 )
-_TRAFFIC_CONFIG_FILE = flags.DEFINE_string(
-  "traffic_config_file",
-  None,
-  "A JSON traffic policy (serving/server/traffic.py), as the model server's; re-read when it "
-  "changes, a bad file is refused and the previous policy stays.",
-)
-_TRAFFIC_CONFIG_POLL_WAIT = flags.DEFINE_float(
-  "traffic_config_file_poll_wait_seconds", 1.0, "Seconds between reads of --traffic_config_file."
-)
-_MAX_REQUEST_SIZE = flags.DEFINE_integer(
-  "max_request_size_bytes", 64 << 20, "Largest gRPC message or REST body accepted."
-)
 _GRPC_MAX_THREADS = flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC.")
-_LOG_MAX_FILE_BYTES = flags.DEFINE_integer(
-  "prediction_log_max_file_bytes", 64 << 20, "Prediction log files rotate at this size."
-)
-_LOG_QUEUE_SIZE = flags.DEFINE_integer(
-  "prediction_log_queue_size", 10_000, "Records waiting for the log writer at most; more drop."
-)
-_SHADOW_WORKERS = flags.DEFINE_integer("shadow_workers", 2, "Threads forwarding shadow copies.")
-_SHADOW_QUEUE_SIZE = flags.DEFINE_integer(
-  "shadow_queue_size", 64, "Shadow copies waiting for a worker at most; more are dropped."
-)
-_SHUTDOWN_GRACE = flags.DEFINE_float(
-  "shutdown_grace_seconds", 30.0, "On SIGTERM, how long requests in flight may still run."
-)
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")
 
@@ -106,7 +85,7 @@ def _traffic_policy(models, router_metrics):
   from serving.router import backend
   from serving.server import traffic
 
-  path = _TRAFFIC_CONFIG_FILE.value
+  path = front_flags.TRAFFIC_CONFIG_FILE.value
   if not path:
     return None
   policy = backend.RouterTrafficPolicy(models, router_metrics)
@@ -124,13 +103,46 @@ def _start_thread(target, *args, name: str) -> None:
   threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
 
+def _open_ports(path, metrics_paths: frozenset[str]):
+  """Starts gRPC, and REST when --rest_api_port is set: (grpc server, its health servicer, the
+  REST server or None). A port that cannot be bound: one `error:` line, exit 1."""
+  from serving.server import grpc_api
+
+  host = front_flags.HOST.value
+  server, port, health = grpc_api.build(
+    path,
+    f"{host}:{_PORT.value}",
+    max_request_size_bytes=front_flags.MAX_REQUEST_SIZE.value,
+    max_threads=_GRPC_MAX_THREADS.value,
+    channel_arguments=front_flags.grpc_options(),
+  )
+  if not port:
+    _fail(f"cannot listen on {host}:{_PORT.value} for gRPC; choose a free --port")
+  httpd = None
+  if front_flags.REST_API_PORT.value:
+    try:
+      httpd = front_flags.build_rest(path, metrics_paths)
+    except OSError as e:
+      _fail(f"cannot listen on {host}:{front_flags.REST_API_PORT.value} for REST: {e.strerror}")
+    _start_thread(httpd.serve_forever, name="rest")
+  logging.info(
+    "Routing to %s: gRPC on %s:%d, REST on %s", _BACKEND.value, host, port,
+    f"{host}:{httpd.server_address[1]}" if httpd else "(disabled)",
+  )  # fmt: skip
+  return server, health, httpd
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   if not _BACKEND.value or not _ADDRESS.match(_BACKEND.value):
     _fail(f"--backend={_BACKEND.value} must be HOST:PORT of the backend's gRPC API")
+  try:
+    metrics_paths = front_flags.check()
+  except ValueError as e:
+    _fail(str(e))
   from serving.router import backend
-  from serving.server import grpc_api, handlers, metrics, prediction_logger, rest_api, traffic
+  from serving.server import handlers, metrics, prediction_logger, traffic
 
   models = backend.RouterModels(_model_configs())
   router_metrics = metrics.Metrics()
@@ -139,7 +151,9 @@ def main(argv: list[str]) -> None:
   router_metrics.set_model_names(sorted(named))
   target = backend.Backend(_BACKEND.value, _BACKEND_TIMEOUT.value)
   logger = prediction_logger.PredictionLogger(
-    router_metrics, max_file_bytes=_LOG_MAX_FILE_BYTES.value, queue_size=_LOG_QUEUE_SIZE.value
+    router_metrics,
+    max_file_bytes=front_flags.LOG_MAX_FILE_BYTES.value,
+    queue_size=front_flags.LOG_QUEUE_SIZE.value,
   )
   shadows = None
   if policy is not None:
@@ -147,8 +161,8 @@ def main(argv: list[str]) -> None:
       target,
       router_metrics,
       logger,
-      workers=_SHADOW_WORKERS.value,
-      queue_size=_SHADOW_QUEUE_SIZE.value,
+      workers=front_flags.SHADOW_WORKERS.value,
+      queue_size=front_flags.SHADOW_QUEUE_SIZE.value,
     )
   path = handlers.RequestPath(
     backend.RouterHandlers(target, models),
@@ -158,32 +172,15 @@ def main(argv: list[str]) -> None:
     shadows=shadows,
   )
   stop = threading.Event()
-  if policy is not None and _TRAFFIC_CONFIG_POLL_WAIT.value > 0:
-    every = _TRAFFIC_CONFIG_POLL_WAIT.value
-    _start_thread(traffic.watch, policy, _TRAFFIC_CONFIG_FILE.value, every, stop, name="traffic")
+  if policy is not None and front_flags.TRAFFIC_CONFIG_POLL_WAIT.value > 0:
+    traffic_file, every = (
+      front_flags.TRAFFIC_CONFIG_FILE.value,
+      front_flags.TRAFFIC_CONFIG_POLL_WAIT.value,
+    )
+    _start_thread(traffic.watch, policy, traffic_file, every, stop, name="traffic")
   if _MODEL_CONFIG_FILE.value and _MODEL_CONFIG_FILE_POLL_WAIT.value > 0:
     _start_thread(_watch_model_config, models, router_metrics, stop, name="model-config")
-  server, port, health = grpc_api.build(
-    path,
-    f"{_HOST.value}:{_PORT.value}",
-    max_request_size_bytes=_MAX_REQUEST_SIZE.value,
-    max_threads=_GRPC_MAX_THREADS.value,
-  )
-  if not port:
-    _fail(f"cannot listen on {_HOST.value}:{_PORT.value} for gRPC; choose a free --port")
-  httpd = None
-  if _REST_API_PORT.value:
-    try:
-      httpd = rest_api.build(
-        path, _HOST.value, _REST_API_PORT.value, max_request_size_bytes=_MAX_REQUEST_SIZE.value
-      )
-    except OSError as e:
-      _fail(f"cannot listen on {_HOST.value}:{_REST_API_PORT.value} for REST: {e.strerror}")
-    _start_thread(httpd.serve_forever, name="rest")
-  logging.info(
-    "Routing to %s: gRPC on %s:%d, REST on %s", _BACKEND.value, _HOST.value, port,
-    f"{_HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
-  )  # fmt: skip
+  server, health, httpd = _open_ports(path, metrics_paths)
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
   while not stop.wait(0.5):  # A timed wait lets the signal handler run promptly.
@@ -192,7 +189,7 @@ def main(argv: list[str]) -> None:
   if httpd:
     httpd.shutdown()
     httpd.server_close()
-  server.stop(grace=_SHUTDOWN_GRACE.value).wait()
+  server.stop(grace=front_flags.SHUTDOWN_GRACE.value).wait()
   if shadows is not None:
     shadows.stop()
   logger.close()  # After the shadows: their records go to the log too.

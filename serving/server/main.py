@@ -19,9 +19,10 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from serving.server import server_flags
+from serving.server import front_flags, server_flags
 
 flags.adopt_module_key_flags(server_flags)
+flags.adopt_module_key_flags(front_flags)
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -100,7 +101,7 @@ def _traffic_policy(configs, models, server_metrics):
   configured models' labels before any loads. A bad file: one `error:` line and exit 1."""
   from serving.server import traffic
 
-  path = server_flags.TRAFFIC_CONFIG_FILE.value
+  path = front_flags.TRAFFIC_CONFIG_FILE.value
   if not path:
     return None
   policy = traffic.TrafficPolicy(models, server_metrics)
@@ -132,8 +133,8 @@ def _watch_config_files(models, policy, stop: threading.Event) -> None:
     (
       traffic.watch,
       policy,
-      server_flags.TRAFFIC_CONFIG_FILE,
-      server_flags.TRAFFIC_CONFIG_POLL_WAIT,
+      front_flags.TRAFFIC_CONFIG_FILE,
+      front_flags.TRAFFIC_CONFIG_POLL_WAIT,
     ),
   ]
   for watch, target, path, every_seconds in watched:
@@ -144,39 +145,6 @@ def _watch_config_files(models, policy, stop: threading.Event) -> None:
         name=f"{path.name}-watcher",
         daemon=True,
       ).start()
-
-
-def _metrics_paths() -> frozenset[str]:
-  """Where REST answers the Prometheus metrics; a bad --monitoring_config_file, or one that
-  enables them without --rest_api_port: one `error:` line and exit 1."""
-  from serving.server import monitoring_config
-
-  path = server_flags.MONITORING_CONFIG_FILE.value
-  try:
-    paths = monitoring_config.metrics_paths(path)
-  except ValueError as e:
-    _usage_error(str(e))
-  if len(paths) > 1 and not server_flags.REST_API_PORT.value:
-    _usage_error(
-      f"--monitoring_config_file={path} enables Prometheus metrics, which REST serves; "
-      "set --rest_api_port"
-    )
-  return paths
-
-
-def _channel_arguments() -> list[tuple[str, int | str]]:
-  """--grpc_channel_arguments as gRPC options; a malformed one: one `error:` line and exit 1."""
-  arguments = []
-  for entry in filter(None, server_flags.GRPC_CHANNEL_ARGUMENTS.value.split(",")):
-    key, equals, value = entry.partition("=")
-    if not equals or not key.strip():
-      _usage_error(
-        f"--grpc_channel_arguments entry {entry!r} is not key=value; write e.g. "
-        "--grpc_channel_arguments=grpc.max_connection_age_ms=60000,grpc.keepalive_time_ms=10000"
-      )
-    value = value.strip()
-    arguments.append((key.strip(), int(value) if value.lstrip("-").isdigit() else value))
-  return arguments
 
 
 def _base_path_roots(configs) -> list[str]:
@@ -197,15 +165,13 @@ def main(argv: list[str]) -> None:
   for flag in (server_flags.INTRA_OP_THREADS, server_flags.INTER_OP_THREADS):
     if flag.value < 0:
       _usage_error(f"--{flag.name}={flag.value} must be 0 (the default) or more")
-  for flag in (
-    server_flags.REST_API_NUM_THREADS,
-    server_flags.REST_API_TIMEOUT_MS,
-    server_flags.WARMUP_ITERATIONS,
-  ):
-    if flag.value is not None and flag.value < 1:
-      _usage_error(f"--{flag.name}={flag.value} must be at least 1")
-  metrics_paths = _metrics_paths()
-  _channel_arguments()  # Parsed again where the port opens; checked here, before workers start.
+  warmup = server_flags.WARMUP_ITERATIONS
+  if warmup.value < 1:
+    _usage_error(f"--{warmup.name}={warmup.value} must be at least 1")
+  try:
+    metrics_paths = front_flags.check()
+  except ValueError as e:
+    _usage_error(str(e))
   if server_flags.NUM_WORKERS.value > 1 and worker is None:
     if server_flags.PORT.value == 0:
       _usage_error("--num_workers > 1 needs a fixed --port (workers share it)")
@@ -278,8 +244,8 @@ def _request_path(configs, models, server_metrics, policy, worker: int | None):
   logging.info("Reload requests may serve base paths under %s", roots)
   logger = prediction_logger.PredictionLogger(
     server_metrics,
-    max_file_bytes=server_flags.LOG_MAX_FILE_BYTES.value,
-    queue_size=server_flags.LOG_QUEUE_SIZE.value,
+    max_file_bytes=front_flags.LOG_MAX_FILE_BYTES.value,
+    queue_size=front_flags.LOG_QUEUE_SIZE.value,
   )
   shadows = None
   if policy is not None:
@@ -287,8 +253,8 @@ def _request_path(configs, models, server_metrics, policy, worker: int | None):
       models,
       server_metrics,
       logger,
-      workers=server_flags.SHADOW_WORKERS.value,
-      queue_size=server_flags.SHADOW_QUEUE_SIZE.value,
+      workers=front_flags.SHADOW_WORKERS.value,
+      queue_size=front_flags.SHADOW_QUEUE_SIZE.value,
     )
   request_path = handlers.RequestPath(
     handlers.RequestHandlers(models, roots, reloads_allowed=worker is None),
@@ -303,44 +269,32 @@ def _request_path(configs, models, server_metrics, policy, worker: int | None):
 def _open_ports(request_path, models, batch_scheduler, worker: int | None, metrics_paths):
   """Starts gRPC (and REST when --rest_api_port is set): (grpc server, its health servicer,
   the REST server or None). A gRPC port that cannot be bound exits 1."""
-  from serving.server import grpc_api, rest_api
+  from serving.server import grpc_api
 
   grpc, grpc_port, health = grpc_api.build(
     request_path,
-    f"{server_flags.HOST.value}:{server_flags.PORT.value}",
-    max_request_size_bytes=server_flags.MAX_REQUEST_SIZE.value,
+    f"{front_flags.HOST.value}:{server_flags.PORT.value}",
+    max_request_size_bytes=front_flags.MAX_REQUEST_SIZE.value,
     max_threads=_grpc_threads(batch_scheduler),
     reuse_port=worker is not None,
-    channel_arguments=_channel_arguments(),
+    channel_arguments=front_flags.grpc_options(),
   )
   if not grpc_port:
     logging.error(
-      "Cannot listen on %s:%d for gRPC", server_flags.HOST.value, server_flags.PORT.value
+      "Cannot listen on %s:%d for gRPC", front_flags.HOST.value, server_flags.PORT.value
     )
     sys.exit(1)
   httpd = None
-  if server_flags.REST_API_PORT.value:
-    httpd = rest_api.build(
-      request_path,
-      server_flags.HOST.value,
-      server_flags.REST_API_PORT.value,
-      max_request_size_bytes=server_flags.MAX_REQUEST_SIZE.value,
-      max_connections=server_flags.REST_MAX_CONNECTIONS.value,
-      read_timeout_seconds=server_flags.REST_READ_TIMEOUT.value,
-      reuse_port=worker is not None,
-      metrics_paths=metrics_paths,
-      num_threads=server_flags.REST_API_NUM_THREADS.value,
-      timeout_seconds=server_flags.REST_API_TIMEOUT_MS.value / 1000,
-      cors=server_flags.REST_API_ENABLE_CORS.value,
-    )
+  if front_flags.REST_API_PORT.value:
+    httpd = front_flags.build_rest(request_path, metrics_paths, reuse_port=worker is not None)
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   logging.info(
     "%sServing %s: gRPC on %s:%d, REST on %s%s",
     "" if worker is None else f"Worker {worker}: ",
     ", ".join(f"{m.name} from {m.base_path}" for m in models.models.values()),
-    server_flags.HOST.value,
+    front_flags.HOST.value,
     grpc_port,
-    f"{server_flags.HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
+    f"{front_flags.HOST.value}:{httpd.server_address[1]}" if httpd else "(disabled)",
     ", batching" if batch_scheduler else "",
   )
   return grpc, health, httpd
@@ -354,7 +308,7 @@ def _shut_down(health, httpd, grpc, batch_scheduler, models) -> None:
     # gRPC still answers, so health probes see NOT_SERVING rather than a refused connection.
     httpd.shutdown()
     httpd.server_close()
-  grpc.stop(grace=server_flags.SHUTDOWN_GRACE.value).wait()
+  grpc.stop(grace=front_flags.SHUTDOWN_GRACE.value).wait()
   if batch_scheduler:
     batch_scheduler.stop()
   models.stop()

@@ -9,8 +9,10 @@
                                   extension: ground truth next to the prediction log)
   GET  /monitoring/prometheus/metrics  (and --monitoring_config_file's path, if it sets one)
 
-Errors are `{"error": "..."}` with 404 (not found), 400 (invalid argument, failed precondition),
-413 (request too large), 503 (unavailable), 504 (deadline exceeded) or 500. A thin transport:
+Errors are `{"error": "..."}` with TF Serving's HTTP code for the status (404 not found, 400
+invalid argument or failed precondition, 429 resource exhausted, 501 unimplemented, 503
+unavailable, 504 deadline exceeded, ...; `http_status`), except a body over the size limit:
+413, so clients do not retry it as they would a 429. A thin transport:
 the route and JSON are decoded here, the work is the one request path's (handlers.RequestPath).
 
 Hostile clients: the listen backlog is the kernel's maximum (SOMAXCONN); at most
@@ -58,15 +60,33 @@ _METHODS = {
   "/feedback": "Feedback",
 }
 _POST_ACTIONS = frozenset({":predict", ":classify", ":regress", "/feedback"})
+# TF Serving's mapping (tensorflow_serving/model_servers/http_server.cc), for the router's
+# forwarded statuses as much as this server's own.
 _HTTP_STATUS = {
   grpc.StatusCode.OK: 200,
-  grpc.StatusCode.NOT_FOUND: 404,
+  grpc.StatusCode.CANCELLED: 499,
   grpc.StatusCode.INVALID_ARGUMENT: 400,
-  grpc.StatusCode.FAILED_PRECONDITION: 400,
-  grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
-  grpc.StatusCode.UNAVAILABLE: 503,
   grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+  grpc.StatusCode.NOT_FOUND: 404,
+  grpc.StatusCode.ALREADY_EXISTS: 409,
+  grpc.StatusCode.PERMISSION_DENIED: 403,
+  grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+  grpc.StatusCode.FAILED_PRECONDITION: 400,
+  grpc.StatusCode.ABORTED: 409,
+  grpc.StatusCode.OUT_OF_RANGE: 400,
+  grpc.StatusCode.UNIMPLEMENTED: 501,
+  grpc.StatusCode.UNAVAILABLE: 503,
+  grpc.StatusCode.UNAUTHENTICATED: 401,
 }
+_BODY_TOO_LARGE = 413
+
+
+def http_status(code: grpc.StatusCode) -> int:
+  """The HTTP status TF Serving's REST API answers for gRPC status `code` (500 for UNKNOWN,
+  INTERNAL, DATA_LOSS)."""
+  return _HTTP_STATUS.get(code, 500)
+
+
 _TOO_MANY = (
   b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
   b'Connection: close\r\nContent-Length: 46\r\n\r\n{"error": "too many connections; retry later"}'
@@ -159,6 +179,10 @@ def _describe(error: BaseException) -> str:
   return f"disconnected ({type(error).__name__})"
 
 
+class _BodyTooLarge(ServingError):
+  """RESOURCE_EXHAUSTED for a body over --max_request_size_bytes, answered 413."""
+
+
 class _DeadlineReader(io.RawIOBase):
   """A socket's bytes, each recv bounded by the idle timeout and, once a request's first byte
   arrived, by that request's deadline (so a trickle of bytes cannot hold a thread forever)."""
@@ -245,13 +269,13 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
       int(match["version"]) if match and match["version"] else None,
       (match["label"] or "") if match else "",
     )
-    body = None
+    body, error, too_large = None, None, False
     try:
       body = self._read_body()  # Always drained, so the connection stays usable.
+    except _BodyTooLarge as e:
+      error, too_large = e, True
     except ServingError as e:
       error = e
-    else:
-      error = None
 
     def work(handlers: RequestHandlers):
       if error is not None:
@@ -272,9 +296,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     extra = {request_context.REQUEST_ID_HEADER: outcome.request_id}
     if outcome.arm is not None:
       extra[request_context.ARM_HEADER] = outcome.arm
-    self._send(
-      _HTTP_STATUS.get(outcome.code, 500), json.dumps(result).encode(), "application/json", extra
-    )
+    status = _BODY_TOO_LARGE if too_large else http_status(outcome.code)
+    self._send(status, json.dumps(result).encode(), "application/json", extra)
 
   def _read_body(self) -> bytes:
     header = self.headers.get("Content-Length") or "0"
@@ -287,7 +310,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     length = int(header)
     if length > self.server.max_request_size_bytes:
       self.close_connection = True  # Not read: the connection cannot be reused.
-      raise ServingError(
+      raise _BodyTooLarge(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"request of {length} bytes exceeds --max_request_size_bytes="
         f"{self.server.max_request_size_bytes}",
@@ -297,9 +320,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
       raise ConnectionResetError(f"body ended after {len(body)} of {length} bytes")
     return body
 
-  def _send(self, http_status: int, payload: bytes, content_type: str, extra=None) -> None:
+  def _send(self, status: int, payload: bytes, content_type: str, extra=None) -> None:
     self.connection.settimeout(IDLE_TIMEOUT_SECONDS)  # Reads may have left a shorter one.
-    self.send_response(http_status)
+    self.send_response(status)
     self.send_header("Content-Type", content_type)
     for name, value in (extra or {}).items():
       self.send_header(name, value)
