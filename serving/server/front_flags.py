@@ -9,7 +9,14 @@ into the gRPC server's options and the REST server.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from absl import flags
+
+if TYPE_CHECKING:
+  import http.server
+
+  from serving.server.handlers import RequestPath
 
 REST_API_PORT = flags.DEFINE_integer("rest_api_port", 0, "REST port; 0 disables REST.")
 HOST = flags.DEFINE_string(
@@ -128,7 +135,9 @@ def grpc_options() -> list[tuple[str, int | str]]:
   return options
 
 
-def build_rest(path, metrics_paths: frozenset[str], *, reuse_port: bool = False):
+def build_rest(
+  path: RequestPath, metrics_paths: frozenset[str], *, reuse_port: bool = False
+) -> http.server.ThreadingHTTPServer:
   """The REST server (bound, not yet serving) on --host:--rest_api_port for `path` (a
   handlers.RequestPath), as the flags above set it. Raises OSError when the port is taken."""
   from serving.server import rest_api
